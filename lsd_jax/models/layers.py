@@ -56,13 +56,15 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     """PyTorch's ConvTranspose2d (no output padding) for an HWIO kernel (k, k, in, out).
 
     A transposed convolution is the input-gradient of a convolution: dilate the input by the
-    stride and convolve with the spatially flipped kernel, padded by k - 1 - p. PyTorch's padding
-    p crops p pixels from every side of the full output; here a large p (G's last layer has 100)
-    becomes a negative padding, so the cropped border is never computed.
+    stride and convolve with the spatially flipped kernel, padded by k - 1 - p. When PyTorch's
+    padding p exceeds k - 1 (G's last layer: k 8, p 100) that padding would be negative; it is
+    done as a crop of the full output instead, because XLA's kernel gradient of a negatively
+    padded dilated convolution is very slow on CPU (hundreds of times, measured).
     """
     k = kernel.shape[0]
-    pad = k - 1 - padding
-    return jax.lax.conv_general_dilated(
+    pad = max(k - 1 - padding, 0)
+    crop = max(padding - (k - 1), 0)
+    y = jax.lax.conv_general_dilated(
         x,
         jnp.flip(kernel, axis=(0, 1)),
         window_strides=(1, 1),
@@ -70,6 +72,9 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
         lhs_dilation=(stride, stride),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
+    if crop:
+        y = y[:, crop:y.shape[1] - crop, crop:y.shape[2] - crop]
+    return y
 
 
 class ConvTranspose(nn.Module):

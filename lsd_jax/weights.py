@@ -1,0 +1,564 @@
+"""Importers for pretrained weights: ImageNet VGG16 from Keras, LSD-seg F/G/D from PyTorch.
+
+Every importer takes the variables of one of our networks (from `model.init`, or shapes only
+from `jax.eval_shape(model.init, ...)` when every variable gets replaced) and returns a new tree
+of the same structure with the imported entries swapped in. Nothing is updated in place.
+
+Keras VGG16 (`import_keras_vgg16`) reads, with h5py alone, every file layout Keras writes for it:
+  - Keras 3 `model.save_weights("x.weights.h5")`: groups `layers/<class>_<n>/vars/<i>`;
+  - Keras 3 `model.save("x.keras")`: a zip holding the same `model.weights.h5` and a config;
+  - legacy HDF5, i.e. Keras 2 `save_weights("x.h5")` / `save("x.h5")` and Keras 3 `save("x.h5")`:
+    a `layer_names` attribute and one group per layer whose `weight_names` attribute lists its
+    arrays (`block1_conv1/kernel:0`, or `block1_conv1_W_1:0` in the widely distributed
+    `vgg16_weights_tf_dim_ordering_tf_kernels(_notop).h5`).
+Keras' VGG16 weights expect the same Caffe input as F (BGR, 0-255, mean subtracted; Keras'
+mean differs from ours by less than 0.1 grey level), so they are copied without any change of
+channel order.
+
+PyTorch LSD-seg state_dicts (`import_torch_fcn8s`, `import_torch_generator`,
+`import_torch_discriminator`) use the reference parameter names of SPEC section 2. The name
+correspondence is one table per network (`TORCH_NAMES`), read in both directions: the exporter
+`flax_to_torch` writes our variables back under the reference names.
+"""
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import zipfile
+from typing import Any, Mapping, Sequence
+
+import h5py
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import FrozenDict, freeze
+
+from lsd_jax.models.vgg_fcn import VGG_BLOCKS
+
+logger = logging.getLogger(__name__)
+
+Variables = Mapping[str, Any]
+Path = tuple[str, ...]
+
+
+class WeightImportError(ValueError):
+    """A weight file does not fit the network it is imported into."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Tree helpers
+# ------------------------------------------------------------------------------------------------
+
+def _flatten(variables: Variables) -> dict[Path, Any]:
+    return traverse_util.flatten_dict(variables)
+
+
+def _rebuild_like(variables: Variables, flat: Mapping[Path, Any]) -> Variables:
+    """The nested tree of `flat`, frozen if the tree it replaces was frozen."""
+    tree = traverse_util.unflatten_dict(dict(flat))
+    return freeze(tree) if isinstance(variables, FrozenDict) else tree
+
+
+def _as_leaf(array: np.ndarray, like: Any) -> Any:
+    """An imported array as a leaf of the tree, in the dtype the template asks for."""
+    return jnp.asarray(array, dtype=like.dtype)
+
+
+def _path_str(path: Path) -> str:
+    return "/".join(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Keras VGG16
+# ------------------------------------------------------------------------------------------------
+
+# Keras layer name -> our F module name, in network order.
+VGG16_KERAS_CONVS = tuple(
+    (f"block{b}_conv{i}", f"conv{b}_{i}")
+    for b, widths in enumerate(VGG_BLOCKS, 1) for i in range(1, len(widths) + 1))
+
+# The fully connected layers of Keras' VGG16 top and the convolutions they become in F, with the
+# spatial size of the convolution: fc1 reads the flattened 7x7x512 block5_pool.
+VGG16_KERAS_FULLY_CONNECTED = (("fc1", "fc6", 7), ("fc2", "fc7", 1))
+
+# Every weighted layer of `keras.applications.VGG16` as (class, name), in model order. Keras 3
+# weight files name their groups by class and position (`conv2d_4`, `dense_1`); files from
+# before Keras 3.x started to record each layer's name next to its arrays need this to recover it.
+VGG16_KERAS_WEIGHTED_LAYERS = (
+    tuple(("Conv2D", name) for name, _ in VGG16_KERAS_CONVS)
+    + (("Dense", "fc1"), ("Dense", "fc2"), ("Dense", "predictions")))
+
+
+def _snake_case(class_name: str) -> str:
+    """Keras' class-name-to-key rule: `Conv2D` -> `conv2d`, `MaxPooling2D` -> `max_pooling2d`."""
+    name = re.sub(r"\W+", "", class_name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _keras3_group_names(layers: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Keras 3 group key (`conv2d`, `conv2d_1`, ...) -> layer name, for layers in model order."""
+    seen: dict[str, int] = {}
+    names = {}
+    for class_name, layer_name in layers:
+        key = _snake_case(class_name)
+        count = seen.get(key, -1) + 1
+        seen[key] = count
+        names[key if count == 0 else f"{key}_{count}"] = layer_name
+    return names
+
+
+def _decode_names(value: Any) -> list[str]:
+    """An HDF5 name-list attribute (bytes or str, array or scalar) as a list of str."""
+    if value is None:
+        return []
+    if isinstance(value, (bytes, str)):
+        value = [value]
+    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in np.asarray(value).ravel()
+            if isinstance(v, (bytes, str))]
+
+
+def _hdf5_name_list(group: h5py.Group, attr: str) -> list[str] | None:
+    """A name-list attribute, including Keras' split form (`layer_names0`, `layer_names1`, ...)
+    used when the list is too long for one HDF5 attribute. None when absent."""
+    if attr in group.attrs:
+        return _decode_names(group.attrs[attr])
+    if f"{attr}0" not in group.attrs:
+        return None
+    names, chunk = [], 0
+    while f"{attr}{chunk}" in group.attrs:
+        names += _decode_names(group.attrs[f"{attr}{chunk}"])
+        chunk += 1
+    return names
+
+
+def _read_legacy_h5(root: h5py.Group, source: str) -> dict[str, list[np.ndarray]]:
+    """Keras 1/2 (and Keras 3 `save("x.h5")`): `layer_names`, then per layer `weight_names`."""
+    weights = {}
+    for layer in _hdf5_name_list(root, "layer_names") or []:
+        if layer not in root:
+            raise WeightImportError(f"{source}: layer '{layer}' is listed in layer_names but "
+                                    "has no group in the file")
+        group = root[layer]
+        names = _hdf5_name_list(group, "weight_names") or []
+        # Arrays are taken in the listed order; a name like "block1_conv1/kernel:0" is a path
+        # into nested groups, which h5py resolves.
+        arrays = [np.asarray(group[name]) for name in names]
+        if arrays:
+            weights[layer] = arrays
+    return weights
+
+
+def _read_keras3_h5(root: h5py.Group,
+                    layer_order: Sequence[tuple[str, str]]) -> dict[str, list[np.ndarray]]:
+    """Keras 3 `.weights.h5`: `layers/<key>/vars/<i>`, the layer name in the `vars` attributes
+    where the writer recorded it, else recovered from the class/position key."""
+    names_by_key = _keras3_group_names(layer_order)
+    weights = {}
+    for key, group in root["layers"].items():
+        if "vars" not in group or not len(group["vars"]):
+            continue
+        stored = group["vars"]
+        recorded = _decode_names(stored.attrs.get("name"))
+        layer = recorded[0] if recorded else names_by_key.get(key, key)
+        weights[layer] = [np.asarray(stored[str(i)]) for i in range(len(stored))]
+    return weights
+
+
+def _read_keras_h5(f: h5py.File, source: str,
+                   layer_order: Sequence[tuple[str, str]]) -> dict[str, list[np.ndarray]]:
+    root = f["model_weights"] if "model_weights" in f else f
+    if _hdf5_name_list(root, "layer_names") is not None:
+        return _read_legacy_h5(root, source)
+    if "layers" in f and isinstance(f["layers"], h5py.Group):
+        return _read_keras3_h5(f, layer_order)
+    raise WeightImportError(
+        f"{source}: not a Keras weights file (no 'layer_names' attribute and no 'layers' group; "
+        f"top-level entries: {sorted(f)})")
+
+
+def _read_keras_archive(path: str) -> dict[str, list[np.ndarray]]:
+    """A Keras 3 `.keras` zip: its config names the layers, `model.weights.h5` holds the arrays."""
+    with zipfile.ZipFile(path) as archive:
+        members = archive.namelist()
+        if "model.weights.h5" not in members:
+            raise WeightImportError(f"{path}: a zip file without model.weights.h5 (entries: "
+                                    f"{members}); not a Keras 3 .keras file")
+        layer_order = VGG16_KERAS_WEIGHTED_LAYERS
+        if "config.json" in members:
+            config = json.loads(archive.read("config.json"))
+            layers = config.get("config", {}).get("layers", [])
+            layer_order = [(layer["class_name"], layer["config"]["name"]) for layer in layers]
+        data = io.BytesIO(archive.read("model.weights.h5"))
+    with h5py.File(data, "r") as f:
+        return _read_keras_h5(f, f"{path}:model.weights.h5", layer_order)
+
+
+def read_keras_weights(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+    """Every weighted layer of a Keras weights file: layer name -> its arrays, in Keras' order
+    (kernel, then bias). Reads the Keras 3 and legacy HDF5 layouts and `.keras` archives."""
+    path = os.fspath(path)
+    if zipfile.is_zipfile(path):
+        return _read_keras_archive(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise WeightImportError(f"{path}: cannot be read as HDF5 ({error})") from error
+    with f:
+        return _read_keras_h5(f, path, VGG16_KERAS_WEIGHTED_LAYERS)
+
+
+def _kernel_and_bias(layers: Mapping[str, list[np.ndarray]], layer: str,
+                     source: str) -> tuple[np.ndarray, np.ndarray]:
+    if layer not in layers:
+        raise WeightImportError(f"{source}: no layer '{layer}' with weights; the file has "
+                                f"{sorted(layers)}. Is it a Keras VGG16?")
+    arrays = layers[layer]
+    kernels = [a for a in arrays if a.ndim > 1]
+    biases = [a for a in arrays if a.ndim == 1]
+    if len(kernels) != 1 or len(biases) != 1:
+        raise WeightImportError(f"{source}: layer '{layer}' should hold one kernel and one bias, "
+                                f"found arrays shaped {[a.shape for a in arrays]}")
+    return kernels[0], biases[0]
+
+
+def _dense_as_conv(kernel: np.ndarray, size: int, layer: str, source: str) -> np.ndarray:
+    """A Dense kernel (size*size*c, out) as a size x size conv kernel (size, size, c, out).
+
+    Keras flattens an NHWC tensor, so the rows run over (h, w, c) with c fastest, which is
+    exactly the C order of an HWIO kernel: a plain reshape is right.
+    """
+    rows, out = kernel.shape
+    if rows % (size * size):
+        raise WeightImportError(f"{source}: layer '{layer}' kernel {kernel.shape} has {rows} rows, "
+                                f"not a multiple of {size}x{size}; it is not VGG16's")
+    return kernel.reshape(size, size, rows // (size * size), out)
+
+
+def import_keras_vgg16(path: str | os.PathLike, variables: Variables) -> Variables:
+    """F's variables with ImageNet VGG16 weights from a Keras file copied into the backbone.
+
+    Copies block{b}_conv{i} into conv{b}_{i}; when the file has the top (fc1, fc2), reshapes
+    them into fc6 (7x7x512x4096) and fc7 (1x1x4096x4096), otherwise leaves fc6 and fc7 as they
+    are and says so in the log. The score layers and the frozen upsampling kernels are never
+    touched. `variables` is F's tree ({'params': ..., 'frozen': ...}) at width 1.0.
+
+    Files written with `image_data_format="channels_first"` (Theano-era `th_dim_ordering`) order
+    fc1's rows differently and are not supported; every file Keras distributes for TensorFlow is
+    channels-last.
+    """
+    source = os.fspath(path)
+    layers = read_keras_weights(source)
+    flat = _flatten(variables)
+
+    updates: dict[Path, tuple[np.ndarray, str]] = {}
+    for keras_name, ours in VGG16_KERAS_CONVS:
+        kernel, bias = _kernel_and_bias(layers, keras_name, source)
+        updates[("params", ours, "kernel")] = (kernel, keras_name)
+        updates[("params", ours, "bias")] = (bias, keras_name)
+
+    present = [keras_name for keras_name, _, _ in VGG16_KERAS_FULLY_CONNECTED
+               if keras_name in layers]
+    if present and len(present) != len(VGG16_KERAS_FULLY_CONNECTED):
+        raise WeightImportError(f"{source}: has {present} but not all of fc1 and fc2; a VGG16 "
+                                "top has both")
+    for keras_name, ours, size in VGG16_KERAS_FULLY_CONNECTED if present else ():
+        kernel, bias = _kernel_and_bias(layers, keras_name, source)
+        updates[("params", ours, "kernel")] = (_dense_as_conv(kernel, size, keras_name, source),
+                                               keras_name)
+        updates[("params", ours, "bias")] = (bias, keras_name)
+    if not present:
+        logger.warning("%s has no fc1/fc2 (a VGG16 without its top): fc6 and fc7 keep their "
+                       "initialisation", source)
+
+    new = dict(flat)
+    for path_, (array, keras_name) in updates.items():
+        if path_ not in flat:
+            raise WeightImportError(f"importing {source}: the variables have no "
+                                    f"{_path_str(path_)}; pass F's variables "
+                                    "({'params': ..., 'frozen': ...})")
+        if array.shape != flat[path_].shape:
+            raise WeightImportError(
+                f"{source}: layer '{keras_name}' has shape {array.shape} where F's "
+                f"{_path_str(path_[1:])} is {tuple(flat[path_].shape)}; ImageNet VGG16 weights "
+                "fit F built with width=1.0")
+        new[path_] = _as_leaf(array, flat[path_])
+    return _rebuild_like(variables, new)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch LSD-seg
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a PyTorch tensor's axes map to ours: `np.transpose` axes in each direction."""
+
+    name: str
+    to_ours: tuple[int, ...] | None  # None: same layout
+    to_torch: tuple[int, ...] | None
+
+    def from_torch(self, array: np.ndarray) -> np.ndarray:
+        return array if self.to_ours is None else np.transpose(array, self.to_ours)
+
+    def from_ours(self, array: np.ndarray) -> np.ndarray:
+        # Always a fresh, writable, C-ordered copy: arrays viewed from jax are read-only, and
+        # torch.from_numpy wants to own what it wraps.
+        return np.array(array if self.to_torch is None else np.transpose(array, self.to_torch),
+                        order="C")
+
+    def torch_shape(self, ours: Sequence[int]) -> tuple[int, ...]:
+        ours = tuple(ours)
+        return ours if self.to_torch is None else tuple(ours[a] for a in self.to_torch)
+
+
+# Conv: PyTorch (out, in, kH, kW), ours HWIO (kH, kW, in, out).
+CONV = Layout("conv", to_ours=(2, 3, 1, 0), to_torch=(3, 2, 0, 1))
+# Transposed conv: PyTorch (in, out, kH, kW), ours (kH, kW, in, out); see
+# lsd_jax.models.layers.conv_transpose_torch, which flips the kernel itself.
+CONV_T = Layout("conv_transpose", to_ours=(2, 3, 0, 1), to_torch=(2, 3, 0, 1))
+BIAS = Layout("bias", to_ours=None, to_torch=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorName:
+    """One tensor under both names: our variable path and the reference state_dict key."""
+
+    ours: Path
+    torch: str
+    layout: Layout
+
+
+# The layer tables: (our module, reference module, layer layout, has a bias). Our module paths
+# are inside the "params" collection; "/" separates nested modules.
+FCN8S_LAYERS = (
+    tuple((f"conv{b}_{i}", f"conv{b}_{i}", CONV, True)
+          for b, widths in enumerate(VGG_BLOCKS, 1) for i in range(1, len(widths) + 1))
+    + (
+        ("fc6", "fc6", CONV, True),
+        ("fc7", "fc7", CONV, True),
+        ("score_fr", "score_fr", CONV, True),
+        ("score_pool3", "score_pool3", CONV, True),
+        ("score_pool4", "score_pool4", CONV, True),
+    ))
+# F's bilinear upsamplers: a bare kernel in our "frozen" collection, `<name>.weight` there
+# (in the reference's order of definition, which its state_dicts follow).
+FCN8S_FROZEN = ("upscore2", "upscore8", "upscore_pool4")
+
+GENERATOR_LAYERS = (
+    ("up1", "stage1_upsample.0", CONV_T, False),
+    ("res1_0/conv_layer", "stage1_upsample.3.conv_layer", CONV, False),
+    ("res1_1/conv_layer", "stage1_upsample.4.conv_layer", CONV, False),
+    ("up2", "stage1_upsample.5", CONV_T, False),
+    ("res2_0/conv_layer", "stage1_upsample.8.conv_layer", CONV, False),
+    ("res2_1/conv_layer", "stage1_upsample.9.conv_layer", CONV, False),
+    ("up3", "stage2_upsample.0", CONV_T, False),
+    ("res3_0/conv_layer", "stage2_upsample.3.conv_layer", CONV, False),
+    ("res3_1/conv_layer", "stage2_upsample.4.conv_layer", CONV, False),
+    ("up4", "stage3_upsample.0", CONV_T, False),
+    ("res4_0/conv_layer", "stage3_upsample.3.conv_layer", CONV, False),
+    ("res4_1/conv_layer", "stage3_upsample.4.conv_layer", CONV, False),
+    ("up5", "stage3_upsample.5", CONV_T, False),
+    ("res5_0/conv_layer", "stage3_upsample.8.conv_layer", CONV, False),
+    ("res5_1/conv_layer", "stage3_upsample.9.conv_layer", CONV, False),
+    ("to_image", "stage4_upsample.0", CONV_T, True),
+)
+
+DISCRIMINATOR_LAYERS = (
+    ("stem", "feature.0", CONV, True),
+    ("res1_0/conv_layer", "feature.3.conv_layer", CONV, True),
+    ("res1_1/conv_layer", "feature.4.conv_layer", CONV, True),
+    ("res1_2/conv_layer", "feature.5.conv_layer", CONV, True),
+    ("res2_0/conv_layer", "feature.7.conv_layer", CONV, True),
+    ("res2_1/conv_layer", "feature.8.conv_layer", CONV, True),
+    ("res2_2/conv_layer", "feature.9.conv_layer", CONV, True),
+    ("res3_0/conv_layer", "feature.11.conv_layer", CONV, True),
+    ("res3_1/conv_layer", "feature.12.conv_layer", CONV, True),
+    ("res3_2/conv_layer", "feature.13.conv_layer", CONV, True),
+    ("out_s", "out_s.0", CONV, True),
+    ("out_c", "out_c.0", CONV, True),
+)
+
+
+def _tensor_names(layers, frozen: Sequence[str] = ()) -> tuple[TensorName, ...]:
+    """A layer table expanded to one row per tensor (kernel/weight, bias/bias)."""
+    names = []
+    for ours, reference, layout, has_bias in layers:
+        module = ("params", *ours.split("/"))
+        names.append(TensorName((*module, "kernel"), f"{reference}.weight", layout))
+        if has_bias:
+            names.append(TensorName((*module, "bias"), f"{reference}.bias", BIAS))
+    names += [TensorName(("frozen", name), f"{name}.weight", CONV_T) for name in frozen]
+    return tuple(names)
+
+
+# Network -> every tensor it has, under both names. Used for import and export alike.
+TORCH_NAMES: dict[str, tuple[TensorName, ...]] = {
+    "F": _tensor_names(FCN8S_LAYERS, FCN8S_FROZEN),
+    "G": _tensor_names(GENERATOR_LAYERS),
+    "D": _tensor_names(DISCRIMINATOR_LAYERS),
+}
+NETWORK_NAMES = {"F": "F (FCN8s)", "G": "G (Generator)", "D": "D (Discriminator)"}
+
+# PyTorch < 0.4 gave InstanceNorm running-statistics buffers that it never used (instance norm
+# normalises with each image's own statistics, in training and in evaluation), so the reference
+# checkpoints may carry them. None of our layers has such state: they are dropped.
+IGNORED_TORCH_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+# Where training scripts commonly put the state_dict inside a checkpoint dict; LSD-seg's trainer
+# saves F under "model_state_dict".
+STATE_DICT_WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+
+DATA_PARALLEL_PREFIX = "module."
+
+
+def _table(network: str) -> tuple[TensorName, ...]:
+    if network not in TORCH_NAMES:
+        raise ValueError(f"unknown network {network!r}; expected one of {sorted(TORCH_NAMES)}")
+    return TORCH_NAMES[network]
+
+
+def _check_table_fits(flat: Mapping[Path, Any], table: Sequence[TensorName], network: str) -> None:
+    """The variables are `network`'s, and the table names every one of them."""
+    ours = {name.ours for name in table}
+    absent = [_path_str(p) for p in ours if p not in flat]
+    uncovered = [_path_str(p) for p in flat if p not in ours]
+    if absent or uncovered:
+        raise ValueError(
+            f"the variables passed are not {NETWORK_NAMES[network]}'s: "
+            + (f"missing {sorted(absent)}" if absent else "")
+            + ("; " if absent and uncovered else "")
+            + (f"not in the PyTorch name table: {sorted(uncovered)}" if uncovered else ""))
+
+
+def _unwrap_state_dict(checkpoint: Any, key: str | None, source: str) -> Mapping[str, Any]:
+    """The state_dict inside a checkpoint: `key` if given, else the checkpoint itself when all
+    its values are tensors, else the first of STATE_DICT_WRAPPER_KEYS it has."""
+    import torch
+
+    if not isinstance(checkpoint, Mapping):
+        raise WeightImportError(f"{source}: holds a {type(checkpoint).__name__}, not a state_dict "
+                                "(save `module.state_dict()`, not the module)")
+    if key is not None:
+        if key not in checkpoint:
+            raise WeightImportError(f"{source}: no entry {key!r}; it has {sorted(checkpoint)}")
+        return _unwrap_state_dict(checkpoint[key], None, f"{source}[{key!r}]")
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    for wrapper in STATE_DICT_WRAPPER_KEYS:
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            return _unwrap_state_dict(checkpoint[wrapper], None, f"{source}[{wrapper!r}]")
+    raise WeightImportError(f"{source}: not a state_dict and none of {STATE_DICT_WRAPPER_KEYS} "
+                            f"in it; its entries are {sorted(checkpoint)}: pass key=...")
+
+
+def _tensor_to_numpy(tensor: Any) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    # numpy has no bfloat16; float32 is what our parameters are kept in anyway.
+    if tensor.is_floating_point():
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy()
+
+
+def load_torch_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
+    """A PyTorch state_dict from a .pth file as numpy arrays under its plain names.
+
+    Accepts a raw state_dict or one inside a checkpoint dict (under `key`, or found under one of
+    STATE_DICT_WRAPPER_KEYS), and strips DataParallel's "module." prefix. Needs torch, which is
+    imported only here.
+    """
+    import torch
+
+    source = os.fspath(path)
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    state = _unwrap_state_dict(checkpoint, key, source)
+    return {k.removeprefix(DATA_PARALLEL_PREFIX): _tensor_to_numpy(v) for k, v in state.items()}
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], variables: Variables, network: str,
+                  source: str = "state_dict") -> Variables:
+    """`variables` with every tensor of `network` ("F", "G" or "D") taken from a reference
+    state_dict. `variables` may hold arrays or just shapes (jax.eval_shape of init).
+
+    Raises WeightImportError listing every missing key, every unexpected key and every shape
+    mismatch (key, expected shape in PyTorch's layout, found shape).
+    """
+    table = _table(network)
+    flat = _flatten(variables)
+    _check_table_fits(flat, table, network)
+    what = NETWORK_NAMES[network]
+
+    state = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_TORCH_SUFFIXES)}
+    expected = [name.torch for name in table]
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        lines = [f"{source} does not match the reference names of {what}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        raise WeightImportError("\n".join(lines))
+
+    new, mismatches = dict(flat), []
+    for name in table:
+        found = np.asarray(state[name.torch])
+        want = name.layout.torch_shape(flat[name.ours].shape)
+        if found.shape != want:
+            mismatches.append(f"  {name.torch}: expected {want}, found {found.shape} "
+                              f"(ours: {_path_str(name.ours)})")
+            continue
+        new[name.ours] = _as_leaf(name.layout.from_torch(found), flat[name.ours])
+    if mismatches:
+        raise WeightImportError(
+            "\n".join([f"{source}: shapes do not fit {what}:"] + mismatches
+                      + ["  (reference checkpoints are full width: build the network with "
+                         "width=1.0 and the checkpoint's number of classes)"]))
+    return _rebuild_like(variables, new)
+
+
+def flax_to_torch(variables: Variables, network: str) -> dict[str, np.ndarray]:
+    """`network`'s variables as a reference-named PyTorch state_dict of numpy arrays (float32,
+    PyTorch layouts), in the reference's order. Load it in PyTorch with
+    `{k: torch.from_numpy(v) for k, v in ...}`."""
+    table = _table(network)
+    flat = _flatten(variables)
+    _check_table_fits(flat, table, network)
+    return {name.torch: name.layout.from_ours(np.asarray(flat[name.ours], np.float32))
+            for name in table}
+
+
+def save_torch_state_dict(variables: Variables, network: str, path: str | os.PathLike) -> None:
+    """Writes `flax_to_torch(variables, network)` as a .pth file PyTorch can load directly."""
+    import torch
+
+    state = {k: torch.from_numpy(v) for k, v in flax_to_torch(variables, network).items()}
+    torch.save(state, os.fspath(path))
+
+
+def _import_torch(network: str, path, variables: Variables, key: str | None) -> Variables:
+    return torch_to_flax(load_torch_state_dict(path, key), variables, network,
+                         source=os.fspath(path))
+
+
+def import_torch_fcn8s(path: str | os.PathLike, variables: Variables,
+                       key: str | None = None) -> Variables:
+    """F's variables ({'params', 'frozen'}) from a reference FCN8s_LSD state_dict (.pth)."""
+    return _import_torch("F", path, variables, key)
+
+
+def import_torch_generator(path: str | os.PathLike, variables: Variables,
+                           key: str | None = None) -> Variables:
+    """G's variables ({'params'}) from a reference _netG state_dict (.pth)."""
+    return _import_torch("G", path, variables, key)
+
+
+def import_torch_discriminator(path: str | os.PathLike, variables: Variables,
+                               key: str | None = None) -> Variables:
+    """D's variables ({'params'}) from a reference _netD state_dict (.pth)."""
+    return _import_torch("D", path, variables, key)
