@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lsd_jax import losses
+from lsd_jax import losses, parallel
 from lsd_jax.models import Discriminator, FCN8s, Generator, check_training_size
 from lsd_jax.models.vgg_fcn import check_image
 
@@ -142,9 +142,11 @@ def build_networks(config) -> Networks:
                          f"{config.loss.reduction!r}")
     m = config.model
     dtype = DTYPES[m.dtype]
+    # Rematerialisation (activation memory for compute); absent from older configs: off.
+    remat_f, remat_g = bool(m.get("remat_f", False)), bool(m.get("remat_g", False))
     return Networks(
-        f=FCN8s(config.num_classes, m.width, m.dropout_rate, dtype),
-        g=Generator(m.width, m.dropout_rate, dtype),
+        f=FCN8s(config.num_classes, m.width, m.dropout_rate, dtype, remat=remat_f),
+        g=Generator(m.width, m.dropout_rate, dtype, remat=remat_g),
         d=Discriminator(config.num_classes, m.width, m.dropout_rate, dtype),
         f_tx=f_optimizer(config.optim),
         g_tx=gd_optimizer(config.optim),
@@ -299,7 +301,7 @@ def source_only_loss(nets, f_params, frozen, batch, keys) -> tuple[jax.Array, Me
 # ----------------------------------------------------------------------------- updates
 
 def _with_grad_norm(metrics, grads):
-    return {**metrics, "grad_norm": optax.global_norm(grads)}
+    return {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 def d_update(nets, d_state, f_variables, g_params, batch, key):
@@ -374,25 +376,36 @@ class Updates(NamedTuple):
     separate_step: Callable  # the same iteration as three compiled calls
 
 
-def make_updates(nets: Networks, mode: str, donate: bool = True) -> Updates:
+def make_updates(nets: Networks, mode: str, donate: bool = True, mesh=None) -> Updates:
     """jit-compiles every update; `step` donates its input states' buffers when `donate`.
 
-    The separate updates never donate: in "simultaneous" mode each needs the others' old
-    parameters after they have been updated.
+    With a mesh, every update is data-parallel: batches are split over the mesh's data axis and
+    states replicated (gradients are all-reduced by XLA). The separate updates never donate: in
+    "simultaneous" mode each needs the others' old parameters after they have been updated.
     """
     if mode not in UPDATE_MODES:
         raise ValueError(f"update mode: expected one of {UPDATE_MODES}, got {mode!r}")
     bind = lambda fn: lambda *args: fn(nets, *args)  # noqa: E731
-    d_upd, g_upd, f_upd = (jax.jit(bind(fn)) for fn in (d_update, g_update, f_update))
+
+    def compile_(fn, num_state_args, donate_state=False):
+        if mesh is None:
+            return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
+        rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+
+        def checked(*args):
+            parallel.check_batch_divisible(args[num_state_args]["source_image"].shape[0], mesh)
+            return fn(*args)
+        return jax.jit(checked, in_shardings=(rep,) * num_state_args + (data, rep),
+                       out_shardings=(rep, rep), donate_argnums=(0,) if donate_state else ())
+
+    d_upd, g_upd, f_upd = (compile_(bind(fn), 3) for fn in (d_update, g_update, f_update))
 
     def iteration(d, g, f):
         return lambda states, batch, key: lsd_iteration(d, g, f, mode, states, batch, key)
 
-    donate_states = (0,) if donate else ()
     return Updates(
         d_update=d_upd, g_update=g_upd, f_update=f_upd,
-        source_only_update=jax.jit(bind(source_only_update), donate_argnums=donate_states),
-        step=jax.jit(iteration(bind(d_update), bind(g_update), bind(f_update)),
-                     donate_argnums=donate_states),
+        source_only_update=compile_(bind(source_only_update), 1, donate),
+        step=compile_(iteration(bind(d_update), bind(g_update), bind(f_update)), 1, donate),
         separate_step=iteration(d_upd, g_upd, f_upd),
     )

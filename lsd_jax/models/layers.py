@@ -52,14 +52,25 @@ def bilinear_kernel(channels: int, size: int) -> np.ndarray:
     return kernel
 
 
-def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """PyTorch's ConvTranspose2d (no output padding) for an HWIO kernel (k, k, in, out).
+def pad_spatial(x: jax.Array, padding: int) -> jax.Array:
+    """Zero-pads H and W of an NHWC array by `padding` on every side."""
+    if not padding:
+        return x
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def _conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding="VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_transpose_dilated(x: jax.Array, kernel: jax.Array, stride: int,
+                           padding: int) -> jax.Array:
+    """PyTorch's ConvTranspose2d written as XLA's input-dilated convolution (for reference).
 
     A transposed convolution is the input-gradient of a convolution: dilate the input by the
-    stride and convolve with the spatially flipped kernel, padded by k - 1 - p. When PyTorch's
-    padding p exceeds k - 1 (G's last layer: k 8, p 100) that padding would be negative; it is
-    done as a crop of the full output instead, because XLA's kernel gradient of a negatively
-    padded dilated convolution is very slow on CPU (hundreds of times, measured).
+    stride and convolve with the spatially flipped kernel, padded by k - 1 - p (or cropped, when
+    p > k - 1). Same result as `conv_transpose_torch`; much slower to differentiate on CPU.
     """
     k = kernel.shape[0]
     pad = max(k - 1 - padding, 0)
@@ -75,6 +86,37 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     if crop:
         y = y[:, crop:y.shape[1] - crop, crop:y.shape[2] - crop]
     return y
+
+
+def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """PyTorch's ConvTranspose2d (no output padding) for an HWIO kernel (k, k, in, out).
+
+    Computed "sub-pixel": output pixel s*q + a (phase a < s) only ever meets the kernel taps
+    a, a + s, a + 2s, ... So all s*s phases are one ordinary stride-1 convolution with
+    t = ceil(k / s) taps and s*s*out channels (the kernel zero-padded to t*s taps), followed by
+    depth-to-space, then the full output ((n - 1) * s + k) cropped by `padding` on every side.
+    The padding is an explicit `jnp.pad` and the convolution VALID: XLA's CPU backend takes a
+    slow generic path for the kernel gradient of an input-dilated convolution, or of a
+    convolution whose padding is not "same"-like (10-40x slower, measured; see
+    docs/benchmarks.md), and never for this form. Same result as `conv_transpose_dilated`.
+    """
+    k, s = kernel.shape[0], stride
+    cin, cout = kernel.shape[2:]
+    full_h, full_w = (x.shape[1] - 1) * s + k, (x.shape[2] - 1) * s + k
+    if padding * 2 >= min(full_h, full_w):
+        raise ValueError(f"transposed conv: padding {padding} crops away the whole "
+                         f"{full_h}x{full_w} output of a {x.shape[1]}x{x.shape[2]} input")
+    t = -(-k // s)
+    w = jnp.pad(kernel, ((0, t * s - k), (0, t * s - k), (0, 0), (0, 0)))
+    # w[s*j + a, s*i + b, c, o] -> [j, i, c, (a, b, o)], flipped over (j, i): a correlation.
+    w = w.reshape(t, s, t, s, cin, cout).transpose(0, 2, 4, 1, 3, 5)
+    w = jnp.flip(w, axis=(0, 1)).reshape(t, t, cin, s * s * cout)
+    y = _conv_valid(pad_spatial(x, t - 1), w)
+    if s > 1:
+        n, qh, qw, _ = y.shape
+        y = y.reshape(n, qh, qw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
+        y = y.reshape(n, qh * s, qw * s, cout)
+    return y[:, padding:full_h - padding, padding:full_w - padding]
 
 
 class ConvTranspose(nn.Module):

@@ -1,0 +1,269 @@
+"""The D, G and F updates: who they change, where gradients flow, modes, composition, keys.
+
+Tiny widths and 64x64 images; compiled functions are built once per module and reused.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from lsd_jax import steps
+from lsd_jax.models.layers import bilinear_kernel
+
+SIZE, BATCH, CLASSES = 64, 2, 19
+
+
+def small_config(**overrides):
+    config = default.get_config()
+    config.model.width = 1 / 16
+    config.optim.f_lr = 1e-3
+    config.optim.gd_lr = 1e-3
+    for dotted, value in overrides.items():
+        node = config
+        *path, leaf = dotted.split(".")
+        for name in path:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def learnable_batch(seed=0):
+    """16x16 blocks of four classes; each class has its own colour, so F can learn it."""
+    rng = np.random.default_rng(seed)
+    classes = np.array([0, 2, 10, 13])
+    blocks = rng.choice(classes, (2 * BATCH, SIZE // 16, SIZE // 16))
+    labels = blocks.repeat(16, axis=1).repeat(16, axis=2)
+    palette = rng.random((CLASSES, 3)).astype(np.float32)
+    image01 = np.clip(palette[labels] + 0.05 * rng.standard_normal(labels.shape + (3,)), 0, 1)
+    image01 = image01.astype(np.float32)
+    image = image01 * 255 - np.array([104.0, 117.0, 123.0], np.float32)
+    labels[:, :2] = 255  # a few ignored rows
+    return {
+        "source_image": jnp.asarray(image[:BATCH]),
+        "source_image01": jnp.asarray(image01[:BATCH]),
+        "source_label": jnp.asarray(labels[:BATCH], jnp.int32),
+        "target_image": jnp.asarray(image[BATCH:][..., ::-1] * 0.5),
+        "target_image01": jnp.asarray(image01[BATCH:][..., ::-1]),
+    }
+
+
+@functools.cache
+def setup():
+    nets = steps.build_networks(small_config())
+    states = steps.init_states(nets, jax.random.key(0))
+    updates = steps.make_updates(nets, "alternating", donate=False)
+    return nets, states, updates
+
+
+@functools.cache
+def composed(mode):
+    nets, _, _ = setup()
+    return steps.make_updates(nets, mode, donate=False).step
+
+
+def separate(mode, states, batch, key):
+    _, _, u = setup()
+    return steps.lsd_iteration(u.d_update, u.g_update, u.f_update, mode, states, batch, key)
+
+
+def changed_fraction(before, after):
+    flags = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after))
+    return sum(flags) / len(flags)
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def trees_differ(a, b):
+    return any(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.any(x != y)), a, b)))
+
+
+def test_each_update_changes_its_own_network_and_no_other():
+    nets, s, u = setup()
+    batch, key = learnable_batch(), jax.random.key(1)
+    f_vars = s.f.variables()
+    d_state, d_metrics = u.d_update(s.d, f_vars, s.g.params, batch, key)
+    g_state, g_metrics = u.g_update(s.g, f_vars, s.d.params, batch, key)
+    f_state, f_metrics = u.f_update(s.f, s.g.params, s.d.params, batch, key)
+    # Every parameter of the updated network moves (all of them receive gradient) ...
+    assert changed_fraction(s.d.params, d_state.params) == 1.0
+    assert changed_fraction(s.g.params, g_state.params) == 1.0
+    assert changed_fraction(s.f.params, f_state.params) == 1.0
+    # ... and each update returns its own network's state only, with its own optimizer state.
+    assert jax.tree.structure(d_state) == jax.tree.structure(s.d)
+    assert jax.tree.structure(g_state) == jax.tree.structure(s.g)
+    assert jax.tree.structure(f_state) == jax.tree.structure(s.f)
+    # In the composed iteration, likewise: all three change, nothing else is returned.
+    new, _ = composed("alternating")(s, batch, key)
+    for before, after in ((s.d, new.d), (s.g, new.g), (s.f, new.f)):
+        assert changed_fraction(before.params, after.params) == 1.0
+    for metrics in (d_metrics, g_metrics, f_metrics):
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+@functools.cache
+def loss_gradients(adversarial: bool = True):
+    """Compiled dF-loss/dF-params and dseg/dF-params; everything is an argument (no constants)."""
+    nets = steps.build_networks(small_config() if adversarial else small_config(
+        **{"loss.adv_weight": 0.0, "loss.c_weight": 0.0}))
+
+    def f_grads(f_params, frozen, g_params, d_params, batch, key):
+        keys = steps.DropoutKeys.from_step_key(key)
+        return jax.grad(lambda p: steps.f_loss(nets, p, frozen, g_params, d_params, batch,
+                                               keys)[0])(f_params)
+
+    def seg_grads(f_params, frozen, batch, key):
+        keys = steps.DropoutKeys.from_step_key(key)
+        return jax.grad(lambda p: steps.source_only_loss(nets, p, frozen, batch, keys)[0])(
+            f_params)
+    return jax.jit(f_grads), jax.jit(seg_grads)
+
+
+def test_no_gradient_reaches_the_frozen_transposed_convs():
+    _, s, _ = setup()
+    batch, key = learnable_batch(), jax.random.key(1)
+    f_grads, _ = loss_gradients()
+    grads = f_grads(s.f.params, s.f.frozen, s.g.params, s.d.params, batch, key)
+    assert not any("upscore" in name for name in grads)
+    new, _ = composed("alternating")(s, batch, key)
+    for name, k, _ in (("upscore2", 4, 2), ("upscore_pool4", 4, 2), ("upscore8", 16, 8)):
+        np.testing.assert_array_equal(new.f.frozen[name], bilinear_kernel(CLASSES, k))
+
+
+def assert_trees_close(a, b):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), a, b)
+
+
+def test_adversarial_terms_reach_f_only_through_g():
+    _, s, _ = setup()
+    batch, key = learnable_batch(), jax.random.key(1)
+    f_grads, seg_grads = loss_gradients()
+    seg_only = seg_grads(s.f.params, s.f.frozen, batch, key)
+    # With G as it is, the adversarial terms change F's gradient ...
+    assert trees_differ(f_grads(s.f.params, s.f.frozen, s.g.params, s.d.params, batch, key),
+                        seg_only)
+    # ... zero the adversarial weights and F's gradient is the segmentation gradient ...
+    no_adv_grads, _ = loss_gradients(adversarial=False)
+    assert_trees_close(no_adv_grads(s.f.params, s.f.frozen, s.g.params, s.d.params, batch, key),
+                       seg_only)
+    # ... and so it is when G ignores F's features (its three inputs cut), adversarial on.
+    cut = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if path[0].key in ("up1", "up3", "up4") else x,
+        s.g.params)
+    assert_trees_close(f_grads(s.f.params, s.f.frozen, cut, s.d.params, batch, key), seg_only)
+
+
+def test_composed_step_on_a_fixed_batch_halves_the_segmentation_loss():
+    _, s, _ = setup()
+    batch, step = learnable_batch(), composed("alternating")
+    seg = []
+    for i in range(40):
+        s, metrics = step(s, batch, jax.random.key(i))
+        seg.append(float(metrics["f/seg"]))
+    assert all(np.isfinite(seg))
+    assert min(seg[-5:]) <= 0.5 * seg[0], seg
+
+
+@pytest.mark.parametrize("mode", steps.UPDATE_MODES)
+def test_separate_and_composed_runs_are_identical(mode):
+    _, s, _ = setup()
+    batch, key = learnable_batch(), jax.random.key(7)
+    a, metrics_a = separate(mode, s, batch, key)
+    b, metrics_b = composed(mode)(s, batch, key)
+    assert_trees_equal(a, b)
+    assert_trees_equal(metrics_a, metrics_b)
+
+
+def test_alternating_and_simultaneous_differ():
+    _, s, _ = setup()
+    batch, key = learnable_batch(), jax.random.key(7)
+    alt, alt_metrics = composed("alternating")(s, batch, key)
+    sim, sim_metrics = composed("simultaneous")(s, batch, key)
+    # D steps first in both, from the same parameters: identical.
+    assert_trees_equal(alt.d, sim.d)
+    # G and F see the updated D (and G) only when alternating.
+    assert trees_differ(alt.g.params, sim.g.params)
+    assert trees_differ(alt.f.params, sim.f.params)
+    assert float(alt_metrics["g/loss"]) != float(sim_metrics["g/loss"])
+
+
+def test_same_key_same_result_and_another_key_another():
+    _, s, _ = setup()
+    batch, step = learnable_batch(), composed("alternating")
+    first, _ = step(s, batch, jax.random.key(3))
+    again, _ = step(s, batch, jax.random.key(3))
+    other, _ = step(s, batch, jax.random.key(4))
+    assert_trees_equal(first, again)
+    assert trees_differ(first.f.params, other.f.params)  # other dropout masks
+
+
+def test_source_only_update_trains_f_alone():
+    nets, s, u = setup()
+    batch = learnable_batch()
+    f_state, metrics = u.source_only_update(s.f, batch, jax.random.key(1))
+    # Score layers start at zero, so only they move on the first step.
+    assert trees_differ(s.f.params["score_fr"], f_state.params["score_fr"])
+    assert set(metrics) == {"loss", "seg", "grad_norm"}
+    # It needs no target images.
+    source_only = {k: v for k, v in batch.items() if k.startswith("source") and "01" not in k}
+    u.source_only_update(s.f, source_only, jax.random.key(1))
+    f_only = steps.init_states(nets, jax.random.key(0), with_gd=False)
+    assert f_only.g is None and f_only.d is None
+
+
+def test_f_biases_learn_at_twice_the_rate_and_the_rate_decays():
+    config = small_config(**{"optim.f_lr": 1e-3, "optim.lr_decay_steps": 3})
+    tx = steps.f_optimizer(config.optim)
+    params = {"conv": {"kernel": jnp.zeros((2,)), "bias": jnp.zeros((2,))}}
+    grads = {"conv": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}}
+    state = tx.init(params)
+    steps_taken = []
+    for _ in range(4):
+        updates, state = tx.update(grads, state, params)
+        steps_taken.append((float(updates["conv"]["kernel"][0]), float(updates["conv"]["bias"][0])))
+    # Adam's first steps move by ~lr per unit gradient.
+    np.testing.assert_allclose(steps_taken[0], (-1e-3, -2e-3), rtol=1e-4)
+    np.testing.assert_allclose(steps_taken[3], (-1e-4, -2e-4), rtol=1e-4)  # after 3 steps: x0.1
+    schedule = steps.f_learning_rate_schedule(default.get_config().optim)
+    assert float(schedule(23_799)) == pytest.approx(1e-5)
+    assert float(schedule(23_800)) == pytest.approx(1e-6)
+
+
+def test_g_and_d_use_adam_with_the_reference_betas():
+    optim = default.get_config().optim
+    assert (optim.gd_lr, optim.gd_b1, optim.gd_b2) == (1e-4, 0.7, 0.999)
+    assert (optim.f_lr, optim.f_b1, optim.f_b2, optim.f_bias_lr_mult) == (1e-5, 0.9, 0.999, 2.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("update_mode", "alternate", "update_mode"),
+    ("method", "lsd_plus", "method"),
+    ("model.dtype", "float16", "dtype"),
+    ("loss.reduction", "avg", "reduction"),
+])
+def test_bad_config_values_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        steps.build_networks(small_config(**{field: value}))
+
+
+def test_bad_batches_are_named():
+    _, s, u = setup()
+    batch, key = learnable_batch(), jax.random.key(0)
+    args = lambda b: (s.d, s.f.variables(), s.g.params, b, key)  # noqa: E731
+    with pytest.raises(ValueError, match="missing"):
+        u.d_update(*args({k: v for k, v in batch.items() if k != "target_image01"}))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        u.d_update(*args({k: (v[:, :48] if v.ndim > 2 else v) for k, v in batch.items()}))
+    with pytest.raises(ValueError, match="source_label"):
+        u.d_update(*args({**batch, "source_label": batch["source_label"][:, :, :32]}))
+    with pytest.raises(ValueError, match="integer"):
+        u.d_update(*args({**batch, "source_label": batch["source_label"].astype(jnp.float32)}))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        u.d_update(*args({**batch, "source_image": batch["source_image"][..., :2]}))
+    with pytest.raises(ValueError, match="update mode"):
+        steps.make_updates(setup()[0], "alternate")
