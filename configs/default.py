@@ -1,10 +1,39 @@
 """SPEC's reference hyperparameters, shared by every other config.
 
 Not meant to be run by itself: the experiment configs (gta.py, synthia.py, synthetic.py) start
-from this one and set the data and the sizes.
+from this one and set the data and the sizes. (It does run: on the embedded benchmark at full
+width, which is slow on a CPU.)
+
+The returned config is locked: setting a field that does not exist, in a config file or on the
+command line (`--config.optim.f_llr=...`), is an error that names the closest existing field.
+Imports neither TensorFlow nor JAX, so that benchmarks can load configs on any machine.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from lsd_jax.data.config import default_data_config
+
+
+# What an experiment config's argument selects (`--config configs/gta.py:source_only`).
+VARIANTS = ("lsd", "source_only", "target_only")
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """lsd: the method; source_only: the baseline (F+C on the source's labels alone);
+    target_only: the oracle, F+C trained the same way on the target's own labels (an upper
+    bound no adaptation method can use). Empty means lsd."""
+    variant = variant or "lsd"
+    if variant not in VARIANTS:
+        raise ValueError(f"config argument {variant!r}: expected one of {VARIANTS} (as in "
+                         "--config configs/gta.py:source_only)")
+    if variant in ("source_only", "target_only"):
+        config.method = "source_only"
+    if variant == "target_only":
+        flip = config.data.source.flip
+        config.data.source = config.data.target.copy_and_resolve_references()
+        config.data.source.flip = flip
+    return config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -41,4 +70,36 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.gd_lr = 1e-4  # G and D: Adam, constant lr
     config.optim.gd_b1 = 0.7
     config.optim.gd_b2 = 0.999
+
+    config.data = default_data_config()  # datasets, sizes, batch size: see docs/data.md
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 98_000  # iterations (one source + one target batch each)
+    config.train.log_every = 50      # scalars and the console line every this many steps
+    config.train.image_every = 1000  # picture summaries every this many steps (0 = never)
+    config.train.eval_every = 5000   # periodic evaluation on data.selection (0 = never)
+    # Every loss is checked for NaN/inf; the check waits for the device, so it runs on the
+    # metrics gathered since the last check, at every log, checkpoint and evaluation.
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 2000     # save every this many steps, and at the end
+    config.checkpoint.max_to_keep = 3  # the latest this many checkpoints are kept
+    config.checkpoint.asynchronous = True  # write in the background while training goes on
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.step = placeholder(int)  # --mode eval: checkpoint step to evaluate; None = latest
+    config.eval.num_images = 4       # eval pictures (prediction beside label) in the summaries
+    config.eval.write_pngs = False   # --mode eval: also write colourised prediction PNGs
+    config.eval.confusion_method = "scatter"  # "scatter" (CPU/GPU) or "matmul" (TPU)
+
+    config.init = ml_collections.ConfigDict()
+    # ImageNet VGG16 weights for F's backbone (a Keras .h5/.keras file, see README); None = He
+    # initialisation, which is only good for small experiments.
+    config.init.vgg16_weights = placeholder(str)
+    # PyTorch LSD-seg state_dicts (reference parameter names, SPEC 2) to start F, G, D from.
+    config.init.torch_f = placeholder(str)
+    config.init.torch_g = placeholder(str)
+    config.init.torch_d = placeholder(str)
+
+    config.lock()
     return config

@@ -5,6 +5,7 @@ which works the same on one device, on all devices of a host and across the host
 """
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -45,9 +46,20 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
 def replicate(tree, mesh: Mesh):
     """Places every array of `tree` on all devices of the mesh (e.g. freshly built states).
 
-    Every process must pass the same values (e.g. states built from the same seed).
+    Every process must pass the same values (e.g. states built from the same seed). With
+    several processes each array goes through host memory (device_put cannot target devices of
+    other processes); typed PRNG keys keep their type.
     """
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.tree.map(put, tree)
 
 
 def global_batch(local_batch, mesh: Mesh):
@@ -62,3 +74,28 @@ def global_batch(local_batch, mesh: Mesh):
         check_batch_divisible(leaves[0].shape[0] * jax.process_count(), mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
                         local_batch)
+
+
+class BatchChecked:
+    """A jitted data-parallel function whose batch argument is checked against the mesh before
+    jit sees it, so that an indivisible batch gets `check_batch_divisible`'s message rather than
+    a sharding error. Calls, `.lower(...)` and other attributes go to the jitted function."""
+
+    def __init__(self, jitted, batch_index: int, mesh: Mesh):
+        self._jitted, self._batch_index, self._mesh = jitted, batch_index, mesh
+
+    def _check(self, args):
+        leaves = jax.tree.leaves(args[self._batch_index]) if len(args) > self._batch_index else []
+        if leaves and getattr(leaves[0], "ndim", 0):
+            check_batch_divisible(leaves[0].shape[0], self._mesh)
+
+    def __call__(self, *args):
+        self._check(args)
+        return self._jitted(*args)
+
+    def lower(self, *args):
+        self._check(args)
+        return self._jitted.lower(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)

@@ -392,11 +392,9 @@ def make_updates(nets: Networks, mode: str, donate: bool = True, mesh=None) -> U
             return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
         rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
-        def checked(*args):
-            parallel.check_batch_divisible(args[num_state_args]["source_image"].shape[0], mesh)
-            return fn(*args)
-        return jax.jit(checked, in_shardings=(rep,) * num_state_args + (data, rep),
-                       out_shardings=(rep, rep), donate_argnums=(0,) if donate_state else ())
+        jitted = jax.jit(fn, in_shardings=(rep,) * num_state_args + (data, rep),
+                         out_shardings=(rep, rep), donate_argnums=(0,) if donate_state else ())
+        return parallel.BatchChecked(jitted, num_state_args, mesh)
 
     d_upd, g_upd, f_upd = (compile_(bind(fn), 3) for fn in (d_update, g_update, f_update))
 

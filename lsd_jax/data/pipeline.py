@@ -33,55 +33,13 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lsd_jax.data import classes
+# The data config lives in a TensorFlow-free module (configs import it on machines without
+# TensorFlow); re-exported here where it used to be defined.
+from lsd_jax.data.config import _domain_config, default_data_config  # noqa: F401
 from lsd_jax.models import VGG_MEAN_BGR, check_training_size
 
 # TFDS's own Cityscapes builder stores labelIds under other feature names.
 OFFICIAL_CITYSCAPES = "cityscapes"
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """Data settings, embedded by the experiment configs as `config.data`.
-
-    The defaults read the embedded synthetic benchmark (built on first use, no download).
-    """
-    c = ml_collections.ConfigDict()
-    c.data_dir = None           # TFDS data dir; None = TFDS's default (~/tensorflow_datasets)
-    c.class_set = "cityscapes19"  # label space of the models: "cityscapes19" or "synthia16"
-    c.batch_size = 2            # global batch per domain (source and target each); / processes
-    c.seed = 1337               # shuffling, crops and flips; the same seed gives the same batches
-    c.shuffle_buffer = 256      # examples (encoded bytes) in each domain's shuffle buffer
-    c.prefetch = 2              # batches prepared ahead of the training step
-    c.num_parallel_calls = -1   # decode/augment threads per domain; -1 = tf.data AUTOTUNE
-    c.data_axis = "data"        # mesh axis the batch dimension is sharded over
-    # Compute the float views (F's and G/D's) on the accelerators from uint8 images: 4x less
-    # host->device traffic and the cheapest host pipeline (the float views cost the host more
-    # than decoding, see docs/benchmarks.md). The batches handed to the steps are the same.
-    c.views_on_device = True
-    c.source = _domain_config(name="synthetic_scenes/source", split="train", flip=True)
-    c.target = _domain_config(name="synthetic_scenes/target", split="train", flip=False)
-    c.eval = ml_collections.ConfigDict()
-    c.eval.name = "synthetic_scenes/target"  # TFDS name[/config] of the labelled eval set
-    c.eval.split = "validation"  # every example is seen exactly once per evaluation
-    c.eval.scale = (128, 256)   # (H, W) F sees at evaluation (the training scale; SPEC 6)
-    c.eval.label_size = None    # (H, W) to resize labels to (nearest); None = as stored
-    c.eval.batch_size = 8       # global eval batch; the last one is padded and masked
-    c.eval.manual_dir = None    # as source.manual_dir
-    c.eval.config_overrides = ml_collections.ConfigDict()  # as source.config_overrides
-    return c
-
-
-def _domain_config(name: str, split: str, flip: bool) -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    d.name = name             # TFDS name[/config], e.g. "gta5/1280x720", "cityscapes_extracted"
-    d.split = split           # TFDS split (slicing allowed, e.g. "train[:-500]")
-    d.resize = None           # (H, W) to resize every image to first (bilinear; labels nearest)
-    d.crop = None             # (H, W) random crop after resizing; None = keep the whole image
-    d.flip = flip             # random horizontal flip
-    d.manual_dir = None       # extracted files to build the dataset from if it is not built yet
-    # Builder-config fields to override, e.g. {"noise": 20.0} for synthetic_scenes: a new config
-    # named after the overrides is built, so different shifts never share a cache directory.
-    d.config_overrides = ml_collections.ConfigDict()
-    return d
 
 
 # ----------------------------------------------------------------------------- datasets

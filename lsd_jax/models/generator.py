@@ -16,6 +16,8 @@ class Generator(nn.Module):
     """Attributes:
       width: multiplier on ngf = 64 (1.0 = the reference).
       dtype: compute dtype; parameters stay float32.
+      remat: rematerialise each upsampling stage (transposed conv, IN, ReLU, ResBlocks) in the
+        backward pass, keeping only the stage inputs. Parameter names and results are the same.
 
     Parameter names: up{1..5} (transposed convs), res{stage}_{0,1} (ResBlocks), to_image.
     """
@@ -23,6 +25,7 @@ class Generator(nn.Module):
     width: float = 1.0
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, fc7: jax.Array, pool4: jax.Array, pool3: jax.Array, train: bool):
@@ -38,10 +41,15 @@ class Generator(nn.Module):
                         f"the skip input {skip.shape[1]}x{skip.shape[2]}; training images must be "
                         "multiples of 32 in height and width")
                 h = jnp.concatenate([h, skip.astype(self.dtype)], axis=-1)
-            h = ConvTranspose(ngf * mult, k, s, p, dtype=self.dtype, name=f"up{stage}")(h)
-            h = nn.relu(instance_norm(h))
-            for i in range(RES_BLOCKS_PER_STAGE):
-                h = ResBlock(use_bias=False, leaky=False, dropout_rate=self.dropout_rate,
-                             dtype=self.dtype, name=f"res{stage}_{i}")(h, train)
+
+            def upsampling_stage(module, h, stage=stage, k=k, s=s, p=p, mult=mult):
+                h = ConvTranspose(ngf * mult, k, s, p, dtype=self.dtype, name=f"up{stage}")(h)
+                h = nn.relu(instance_norm(h))
+                for i in range(RES_BLOCKS_PER_STAGE):
+                    h = ResBlock(use_bias=False, leaky=False, dropout_rate=self.dropout_rate,
+                                 dtype=self.dtype, name=f"res{stage}_{i}")(h, train)
+                return h
+            # Lifted remat over a function of the module keeps the parameter names.
+            h = (nn.remat(upsampling_stage) if self.remat else upsampling_stage)(self, h)
         image = ConvTranspose(3, 8, 2, 100, use_bias=True, dtype=self.dtype, name="to_image")(h)
         return nn.sigmoid(image.astype(jnp.float32))

@@ -64,6 +64,43 @@ def _conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def conv_valid_im2row(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A VALID stride-1 convolution as k matrix products, one per kernel row.
+
+    For the big-kernel, many-channel, small-image layers (F's fc6: 7x7, 512 -> 4096): XLA's CPU
+    convolution, and above all its kernel gradient, is 20x slower there than these matmuls
+    (measured: see docs/benchmarks.md). Same result as a VALID `lax.conv_general_dilated`.
+    """
+    k_h, k_w = kernel.shape[:2]
+    out_h, out_w = x.shape[1] - k_h + 1, x.shape[2] - k_w + 1
+    y = None
+    for i in range(k_h):
+        rows = jnp.stack([x[:, i:i + out_h, j:j + out_w] for j in range(k_w)], axis=3)
+        term = jnp.einsum("nhwjc,jco->nhwo", rows, kernel[i])
+        y = term if y is None else y + term
+    return y
+
+
+def conv_transpose_col2im(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The full (uncropped) stride-1 transposed convolution, y[p] = sum_i x[i] w[p - i].
+
+    One matrix product gives every input pixel's k x k x out contribution, which are then added
+    at their k x k offsets. For G's first layer (7x7, 4096 -> 256 on F's small fc7 map) this
+    does no multiplications by padding zeros and avoids XLA's slow CPU convolution path.
+    """
+    k = kernel.shape[0]
+    n, h, w, _ = x.shape
+    pieces = jnp.einsum("nhwc,abco->abnhwo", x, kernel)
+    zero = jnp.zeros((), pieces.dtype)
+    y = None
+    for a in range(k):
+        for b in range(k):
+            placed = jax.lax.pad(pieces[a, b], zero, ((0, 0, 0), (a, k - 1 - a, 0),
+                                                      (b, k - 1 - b, 0), (0, 0, 0)))
+            y = placed if y is None else y + placed
+    return y
+
+
 def conv_transpose_dilated(x: jax.Array, kernel: jax.Array, stride: int,
                            padding: int) -> jax.Array:
     """PyTorch's ConvTranspose2d written as XLA's input-dilated convolution (for reference).
@@ -106,6 +143,9 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     if padding * 2 >= min(full_h, full_w):
         raise ValueError(f"transposed conv: padding {padding} crops away the whole "
                          f"{full_h}x{full_w} output of a {x.shape[1]}x{x.shape[2]} input")
+    if s == 1:
+        y = conv_transpose_col2im(x, kernel)
+        return y[:, padding:full_h - padding, padding:full_w - padding]
     t = -(-k // s)
     w = jnp.pad(kernel, ((0, t * s - k), (0, t * s - k), (0, 0), (0, 0)))
     # w[s*j + a, s*i + b, c, o] -> [j, i, c, (a, b, o)], flipped over (j, i): a correlation.
@@ -137,6 +177,27 @@ class ConvTranspose(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         y = conv_transpose_torch(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
                                  self.padding)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
+        return y
+
+
+class Im2RowConv(nn.Module):
+    """A VALID stride-1 convolution with nn.Conv's parameters (kernel (k, k, in, out), bias),
+    computed by `conv_valid_im2row`: for large kernels over many channels on small maps."""
+
+    features: int
+    kernel_size: int
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+        y = conv_valid_im2row(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y

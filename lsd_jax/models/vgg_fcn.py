@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsd_jax.models.layers import (Dtype, bilinear_kernel, conv_transpose_torch, max_pool_ceil,
-                                   scaled)
+from lsd_jax.models.layers import (Dtype, Im2RowConv, bilinear_kernel, conv_transpose_torch,
+                                   max_pool_ceil, scaled)
 
 # Caffe preprocessing for ImageNet VGG16 weights: BGR, 0-255, this mean subtracted (SPEC 5).
 VGG_MEAN_BGR = (104.00699, 116.66877, 122.67892)
@@ -63,6 +63,9 @@ class FCN8s(nn.Module):
       width: multiplier on every VGG and fc width (1.0 = the reference; small for tests).
       dropout_rate: channel dropout after fc6 and fc7.
       dtype: compute dtype; parameters stay float32.
+      remat: rematerialise each VGG block in the backward pass (keep only the block's pooled
+        output, recompute its convolutions): less activation memory for ~one more forward of
+        the backbone. Parameter names and results are the same either way.
 
     The three bilinear transposed convolutions live in the variable collection "frozen", not in
     "params": they are never trained (SPEC), and keeping them out of "params" means no gradient
@@ -74,6 +77,7 @@ class FCN8s(nn.Module):
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
     blocks: Sequence[Sequence[int]] = VGG_BLOCKS
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
@@ -86,10 +90,13 @@ class FCN8s(nn.Module):
         h = x.astype(self.dtype)
         pools = []
         for b, widths in enumerate(self.blocks, 1):
-            for i, w in enumerate(widths, 1):
-                h = nn.relu(conv(scaled(w, self.width), f"conv{b}_{i}",
-                                 padding=100 if (b, i) == (1, 1) else 1)(h))
-            h = max_pool_ceil(h)
+            def vgg_block(module, h, b=b, widths=widths):
+                for i, w in enumerate(widths, 1):
+                    h = nn.relu(conv(scaled(w, self.width), f"conv{b}_{i}",
+                                     padding=100 if (b, i) == (1, 1) else 1)(h))
+                return max_pool_ceil(h)
+            # Lifted remat over a function of the module keeps the parameter names conv{b}_{i}.
+            h = (nn.remat(vgg_block) if self.remat else vgg_block)(self, h)
             pools.append(h)
         pool3, pool4 = pools[2], pools[3]
 
@@ -97,7 +104,10 @@ class FCN8s(nn.Module):
         # Channel dropout (PyTorch Dropout2d): whole feature maps, so broadcast over H and W.
         drop = lambda t: nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2),  # noqa: E731
                                     deterministic=not train)(t)
-        h = drop(nn.relu(conv(fc, "fc6", kernel=(7, 7), padding=0)(h)))
+        # fc6 (7x7 over 512 channels of a small map) as matmuls: XLA's CPU convolution is
+        # very slow for this shape (see Im2RowConv); same parameters as an nn.Conv.
+        h = drop(nn.relu(Im2RowConv(fc, 7, kernel_init=backbone_init, dtype=self.dtype,
+                                    name="fc6")(h)))
         fc7 = drop(nn.relu(conv(fc, "fc7", kernel=(1, 1), padding=0)(h)))
 
         zero = nn.initializers.zeros

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Time one LSD training iteration of lsd_jax, and the PyTorch peer beside it.
+
+For every combination of the chosen update modes (alternating / simultaneous) and compilations
+(composed: the whole iteration as one XLA program; separate: three compiled updates), prints a
+row with the compile time, the median time per iteration after warm-up, images/s, FLOPs per
+iteration from XLA's cost analysis, MFU against the device's peak and peak device memory, and
+writes the same as JSON lines. Needs no tensorflow: the batch is random in-memory arrays.
+
+    python benchmarks/step_time.py --height 128 --width 256 --batch 1 --peer   # CPU, small
+    python benchmarks/step_time.py --height 512 --width 1024 --dtype bfloat16 --peer --peer-args="--amp bf16"
+
+Per iteration: --batch source and --batch target images (the paper: 1 + 1), so images/s counts
+2 x batch per iteration, as the peer does. --peer runs ../shared/peer/torch_lsd_step.py (or
+--peer-script) once per update mode, at the same size, in the same run.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from configs import default as default_config  # noqa: E402
+from lsd_jax import parallel, steps  # noqa: E402
+from lsd_jax.models import VGG_MEAN_BGR  # noqa: E402
+
+DEFAULT_PEER = os.path.join(REPO_ROOT, "..", "shared", "peer", "torch_lsd_step.py")
+
+# Dense peak FLOP/s per device (no sparsity), by jax's device_kind substring and compute dtype.
+# Source: NVIDIA H100 and H200 Tensor Core GPU datasheets (SXM): BF16 989.4 TFLOP/s, TF32
+# 494.7 TFLOP/s, FP32 (no tensor cores) 66.9 TFLOP/s; A100 datasheet: BF16 312, TF32 156, FP32
+# 19.5. TPU: Google Cloud TPU system architecture pages (bf16 per chip: v4 275, v5e 197, v5p 459).
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "H100": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "A100": {"bfloat16": 312e12, "tf32": 156e12, "float32": 19.5e12},
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},
+    "TPU v5e": {"bfloat16": 197e12},
+    "TPU v5p": {"bfloat16": 459e12},
+}
+
+
+def peak_flops(device, dtype: str, precision: str):
+    """The device's dense peak for this dtype, or None when unknown (e.g. a CPU)."""
+    kind = device.device_kind
+    for name, peaks in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            if dtype == "bfloat16":
+                return peaks.get("bfloat16")
+            # float32 on NVIDIA: JAX's default precision runs convolutions in TF32.
+            return peaks.get("float32" if precision == "highest" else "tf32")
+    return None
+
+
+def make_batch(batch, height, width, classes, seed=0):
+    """Random in-memory images and labels, preprocessed as the pipeline does."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for domain in ("source", "target"):
+        x01 = rng.random((batch, height, width, 3), np.float32)
+        out[f"{domain}_image01"] = x01
+        out[f"{domain}_image"] = x01 * 255.0 - np.asarray(VGG_MEAN_BGR, np.float32)
+    out["source_label"] = rng.integers(0, classes, (batch, height, width), dtype=np.int32)
+    return out
+
+
+def cost(compiled):
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def memory_estimate(compiled):
+    """XLA's static estimate of the program's device memory (arguments + outputs + temps,
+    minus donated aliases), available on every backend."""
+    try:
+        m = compiled.memory_analysis()
+        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+
+
+def peak_device_memory():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def bench_one(nets, mesh, mode, updates_kind, states0, batch, args):
+    updates = steps.make_updates(nets, mode, donate=True, mesh=mesh)
+    key = parallel.replicate(jax.random.key(1), mesh)
+    states = jax.tree.map(lambda x: x.copy(), states0)  # the composed step donates its states
+    t0 = time.perf_counter()
+    if updates_kind == "composed":
+        compiled = updates.step.lower(states, batch, key).compile()
+        compile_s = time.perf_counter() - t0
+        flops, mem = cost(compiled), memory_estimate(compiled)
+        run = compiled
+    else:
+        f_vars = states.f.variables()
+        d_c = updates.d_update.lower(states.d, f_vars, states.g.params, batch, key).compile()
+        g_c = updates.g_update.lower(states.g, f_vars, states.d.params, batch, key).compile()
+        f_c = updates.f_update.lower(states.f, states.g.params, states.d.params, batch,
+                                     key).compile()
+        compile_s = time.perf_counter() - t0
+        flops = sum(cost(c) for c in (d_c, g_c, f_c))
+        mems = [memory_estimate(c) for c in (d_c, g_c, f_c)]
+        mem = None if None in mems else max(mems)
+        run = lambda s, b, k: steps.lsd_iteration(d_c, g_c, f_c, mode, s, b, k)  # noqa: E731
+    row = {"updates": updates_kind, "mode": mode, "compile_s": compile_s,
+           "flops_per_iter": flops, "xla_memory_estimate_gib": None if mem is None else mem / 2**30}
+    if args.compile_only:
+        return row
+    times = []
+    for i in range(args.warmup + args.iters):
+        k = jax.random.fold_in(key, i)
+        t = time.perf_counter()
+        states, metrics = run(states, batch, k)
+        block((states, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    peak = peak_flops(jax.devices()[0], args.dtype, args.matmul_precision)
+    mem = peak_device_memory()
+    row.update(median_s_per_iter=med, min_s=min(times), max_s=max(times),
+               images_per_s=2 * args.batch / med, tflops_per_s=flops / med / 1e12,
+               mfu=None if peak is None else flops / med / (peak * mesh.size),
+               peak_mem_gib=None if mem is None else mem / 2**30,
+               losses=[float(metrics[f"{n}/loss"]) for n in "dgf"])
+    return row
+
+
+def run_peer(mode, args):
+    cmd = [sys.executable, args.peer_script, "--height", str(args.height), "--width",
+           str(args.width), "--batch", str(args.batch), "--iters", str(args.iters), "--warmup",
+           str(args.warmup), "--mode", mode, *args.peer_args.split()]
+    if args.peer_device:
+        cmd += ["--device", args.peer_device]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        return {"peer_error": out.stderr[-2000:], "command": " ".join(cmd)}
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+    return {**json.loads(line), "command": " ".join(cmd), "wall_s": time.perf_counter() - t}
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1, help="source (= target) images per iteration")
+    ap.add_argument("--model-width", type=float, default=1.0, help="config.model.width")
+    ap.add_argument("--dtype", choices=sorted(steps.DTYPES), default="float32")
+    ap.add_argument("--matmul-precision", choices=["default", "high", "highest"],
+                    default="default", help="jax_default_matmul_precision (GPU: default = TF32)")
+    ap.add_argument("--modes", default="alternating,simultaneous")
+    ap.add_argument("--updates", default="composed,separate")
+    ap.add_argument("--remat-f", action="store_true")
+    ap.add_argument("--remat-g", action="store_true")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--num-devices", type=int, default=None, help="mesh size (default: all)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="only compile: compile time, FLOPs and XLA's memory estimate")
+    ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
+    ap.add_argument("--peer-script", default=DEFAULT_PEER)
+    ap.add_argument("--peer-args", default="", help='e.g. "--tf32" or "--amp bf16"')
+    ap.add_argument("--peer-device", default=None)
+    ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
+    args = ap.parse_args()
+    if args.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+
+    config = default_config.get_config()
+    config.model.width = args.model_width
+    config.model.dtype = args.dtype
+    with config.unlocked():  # configs/default.py may not list the remat fields (yet)
+        config.model.remat_f = args.remat_f
+        config.model.remat_g = args.remat_g
+    nets = steps.build_networks(config)
+    mesh = parallel.make_mesh(args.num_devices)
+    parallel.check_batch_divisible(args.batch, mesh)
+    states0 = parallel.replicate(steps.init_states(nets, jax.random.key(0)), mesh)
+    batch = jax.device_put(make_batch(args.batch, args.height, args.width, config.num_classes),
+                           parallel.batch_sharded(mesh))
+    device = jax.devices()[0]
+    common = {"date": time.strftime("%Y-%m-%d"), "device": device.device_kind,
+              "platform": device.platform, "num_devices": mesh.size, "host": platform.node(),
+              "cpu_count": os.cpu_count(), "jax": jax.__version__, "size": [args.height, args.width],
+              "batch": args.batch, "model_width": args.model_width, "dtype": args.dtype,
+              "matmul_precision": args.matmul_precision, "remat_f": args.remat_f,
+              "remat_g": args.remat_g, "command": " ".join(sys.argv)}
+    rows = []
+    for mode in args.modes.split(","):
+        peer = run_peer(mode, args) if args.peer and not args.compile_only else None
+        for kind in args.updates.split(","):
+            row = {**common, **bench_one(nets, mesh, mode, kind, states0, batch, args)}
+            if peer is not None:
+                row["peer"] = peer
+                if "median_s_per_iter" in peer:
+                    row["speedup_vs_peer"] = peer["median_s_per_iter"] / row["median_s_per_iter"]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    print(f"\n{device.device_kind} x{mesh.size}, {args.height}x{args.width}, batch {args.batch}+"
+          f"{args.batch}, width {args.model_width}, {args.dtype}, precision "
+          f"{args.matmul_precision}, jax {jax.__version__}")
+    print("| mode | updates | compile s | s/iter | images/s | GFLOP/iter | TFLOP/s | MFU | "
+          "peak mem GiB | XLA mem est. GiB | peer s/iter | peer peak GiB | speedup |")
+    print("|---" * 13 + "|")
+    for r in rows:
+        p = r.get("peer") or {}
+        print(f"| {r['mode']} | {r['updates']} | {r['compile_s']:.1f} | "
+              f"{fmt(r.get('median_s_per_iter'), '.3f')} | {fmt(r.get('images_per_s'), '.2f')} | "
+              f"{r['flops_per_iter'] / 1e9:.1f} | {fmt(r.get('tflops_per_s'), '.3f')} | "
+              f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_mem_gib'), '.2f')} | "
+              f"{fmt(r.get('xla_memory_estimate_gib'), '.2f')} | "
+              f"{fmt(p.get('median_s_per_iter'), '.3f')} | {fmt(p.get('peak_mem_gib'), '.2f')} | "
+              f"{fmt(r.get('speedup_vs_peer'), '.2f')}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""SYNTHIA-RAND-CITYSCAPES -> Cityscapes: 16 classes trained and reported, plus the 13-class
+score of the same model (SPEC 5-6), at 1024x512.
+
+    python -m lsd_jax.main --config configs/synthia.py --workdir runs/synthia \
+        --config.init.vgg16_weights=/path/to/vgg16_weights_tf_dim_ordering_tf_kernels.h5
+    python -m lsd_jax.main --config configs/synthia.py --workdir runs/synthia --mode eval
+    python -m lsd_jax.main --config configs/synthia.py:source_only --workdir runs/synthia_so
+
+Data (see docs/data.md): `synthia/16` (source, random 1024x512 crops of the 1280x760 frames), `cityscapes_extracted/1024x512` (target),
+`cityscapes_extracted/full` (evaluation; Cityscapes labels mapped to the 16 classes). Model
+selection on the last 200 Cityscapes train images, never the val set.
+
+Sized for: like configs/gta.py (one accelerator, 1+1 images of 1024x512 per step).
+Expected result (published, VGG16 FCN-8s, 16 classes): LSD 36.1 mIoU, source-only about 26.8.
+Not yet reproduced by this project: no run of this config has been measured here.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+HELD_OUT = 200
+
+
+def _default():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+    spec = importlib.util.spec_from_file_location("lsd_jax_configs_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
+    default = _default()
+    config = default.get_config()
+    config.num_classes = 16
+    data = config.data
+    data.class_set = "synthia16"
+    data.batch_size = 1
+    data.source.name = "synthia/16"
+    data.source.crop = (512, 1024)
+    data.target.name = "cityscapes_extracted/1024x512"
+    data.target.split = f"train[:-{HELD_OUT}]"
+    data.target.crop = (512, 1024)
+    data.eval.name = "cityscapes_extracted/full"
+    data.eval.scale = (512, 1024)
+    data.eval.batch_size = 8
+    data.selection.name = "cityscapes_extracted/1024x512"
+    data.selection.split = f"train[-{HELD_OUT}:]"
+    data.selection.scale = (512, 1024)
+    data.selection.batch_size = 8
+    config.train.eval_every = 5000
+    return default.apply_variant(config, variant)

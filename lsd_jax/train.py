@@ -1,0 +1,630 @@
+"""The training program: build or restore the states, iterate, log, checkpoint, evaluate.
+
+    train_and_evaluate(config, workdir)   train (resuming from the workdir's latest checkpoint),
+                                          evaluating on `data.selection` every train.eval_every
+    evaluate_checkpoint(config, workdir)  restore a checkpoint, evaluate on `data.eval` (the
+                                          target's validation set), write the results
+    model_summary(config)                 parameter overviews and output shapes, no compute
+
+Step keys: the run has one base key (from `config.seed`, saved in every checkpoint); iteration
+`step` uses `jax.random.fold_in(base_key, step)`. Together with the data stream restarting at
+the number of batches consumed, a resumed run continues exactly as an uninterrupted one.
+
+Model selection never looks at the target evaluation set (SPEC 6): the periodic evaluation
+during training runs on `data.selection` (source validation, or a held-out labelled slice of
+target train), and `data.eval` is only used for reporting (`--mode eval`, and once at the end of
+`--mode train_and_eval`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from lsd_jax import checkpoint, evaluate, parallel, steps, visualize
+from lsd_jax.data import classes
+
+RESULTS_SUBDIR = "results"
+
+# The terms shown on the console line (every term goes to TensorBoard).
+CONSOLE_TERMS = {"lsd": ("f/seg", "f/adv", "g/l1", "g/adv", "d/loss"),
+                 "source_only": ("f/seg",)}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; the run stops, keeping the last good checkpoint."""
+
+
+class DatasetMissingError(FileNotFoundError):
+    """A dataset the config names is not prepared."""
+
+
+# ----------------------------------------------------------------------------- config checks
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Values the networks' builder does not check, with errors naming the field."""
+    def positive(field, value, allow_zero=False):
+        if not isinstance(value, int) or value < (0 if allow_zero else 1):
+            raise ValueError(f"config.{field}={value!r}: expected a "
+                             f"{'non-negative' if allow_zero else 'positive'} integer")
+
+    positive("train.num_steps", config.train.num_steps)
+    positive("train.log_every", config.train.log_every)
+    positive("checkpoint.every", config.checkpoint.every)
+    for field in ("image_every", "eval_every"):
+        positive(f"train.{field}", config.train[field], allow_zero=True)
+    expected_classes = len(classes.class_set(config.data.class_set))
+    if config.num_classes != expected_classes:
+        raise ValueError(f"config.num_classes={config.num_classes} but config.data.class_set="
+                         f"{config.data.class_set!r} has {expected_classes} classes; set both "
+                         "to match")
+    if config.eval.confusion_method not in evaluate.CONFUSION_METHODS:
+        raise ValueError(f"config.eval.confusion_method={config.eval.confusion_method!r}: "
+                         f"expected one of {evaluate.CONFUSION_METHODS}")
+
+
+def check_selection_is_not_eval(data) -> None:
+    """Model selection on the target evaluation set is what SPEC 6 rules out."""
+    if (data.selection.name, data.selection.split) == (data.eval.name, data.eval.split):
+        raise ValueError(
+            f"config.data.selection is the evaluation set ({data.eval.name}, split "
+            f"{data.eval.split!r}): model selection must never use the target evaluation set. "
+            "Select on source validation or a held-out labelled slice of target train.")
+
+
+def tfds_build_command(name: str, data_dir: str | None) -> str:
+    builder, _, builder_config = name.partition("/")
+    return (f"tfds build {builder} --imports lsd_jax.data.datasets --manual_dir <extracted files>"
+            + (f" --config {builder_config}" if builder_config else "")
+            + (f" --data_dir {data_dir}" if data_dir else ""))
+
+
+def check_datasets(data, which: tuple[str, ...]) -> None:
+    """Every named dataset is prepared (the synthetic scenes are generated when missing), or
+    an error that says which command prepares it."""
+    from lsd_jax.data import pipeline
+
+    for field in which:
+        domain = data[field]
+        try:
+            pipeline.load_builder(domain.name, data.data_dir, domain.manual_dir,
+                                  domain.config_overrides.to_dict())
+        except FileNotFoundError as error:
+            raise DatasetMissingError(
+                f"config.data.{field}: {error}\nWith the TFDS command line (see docs/data.md):\n"
+                f"  {tfds_build_command(domain.name, data.data_dir)}") from None
+
+
+# ----------------------------------------------------------------------------- programs
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """Everything compiled for a config: built once and reusable across runs of one process
+    (tests resume a run in the same process without compiling again)."""
+
+    config_fingerprint: str
+    nets: steps.Networks
+    updates: steps.Updates
+    mesh: jax.sharding.Mesh
+    init: Callable      # key -> fresh TrainStates (compiled once, not once per run)
+    predict: Callable   # (F variables, images) -> class scores
+    pictures: Callable  # (F variables, G params or None, batch) -> predictions, reconstructions
+
+
+def _programs_fingerprint(config) -> str:
+    """The fields the compiled programs depend on."""
+    flat = checkpoint.flatten_config(config)
+    used = {k: v for k, v in flat.items() if k.split(".")[0] in
+            ("method", "num_classes", "model", "update_mode", "loss", "optim")}
+    return repr(sorted(used.items()))
+
+
+def build_programs(config, mesh: jax.sharding.Mesh | None = None) -> Programs:
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    nets = steps.build_networks(config)
+    updates = steps.make_updates(nets, config.update_mode, donate=True, mesh=mesh)
+
+    @jax.jit
+    def predict(f_variables, image):
+        return nets.f.apply(f_variables, image, train=False)[0]
+
+    @jax.jit
+    def pictures(f_variables, g_params, batch):
+        out = {}
+        for domain in ("source", "target"):
+            if f"{domain}_image" not in batch:  # the baseline's batches have no target
+                continue
+            score, *features = nets.f.apply(f_variables, batch[f"{domain}_image"], train=False)
+            out[f"{domain}_prediction"] = jnp.argmax(score, axis=-1)
+            if g_params is not None:
+                out[f"{domain}_reconstruction"] = nets.g.apply(
+                    {"params": g_params}, *features, train=False)
+        return out
+
+    init = jax.jit(lambda key: steps.init_states(nets, key, with_gd=uses_gd(config)))
+    return Programs(_programs_fingerprint(config), nets, updates, mesh, init, predict, pictures)
+
+
+def _check_programs(programs: Programs, config) -> None:
+    if programs.config_fingerprint != _programs_fingerprint(config):
+        raise ValueError("the programs passed in were built for another config (model, loss, "
+                         "optimiser or method differ); build them with build_programs(config)")
+
+
+# ----------------------------------------------------------------------------- states
+
+def uses_gd(config) -> bool:
+    return config.method == "lsd"
+
+
+def base_key(config) -> jax.Array:
+    return jax.random.key(config.seed)
+
+
+def _import_weights(config, states: steps.TrainStates) -> steps.TrainStates:
+    """Pretrained weights named in config.init, into fresh states (optimizer states are zeros
+    either way, so they stay valid)."""
+    from lsd_jax import weights
+
+    init = config.init
+    f = states.f
+    f_vars = {"params": f.params, "frozen": f.frozen}
+    if init.vgg16_weights:
+        f_vars = weights.import_keras_vgg16(init.vgg16_weights, f_vars)
+        logging.info("F's backbone: ImageNet VGG16 weights from %s", init.vgg16_weights)
+    if init.torch_f:
+        f_vars = weights.import_torch_fcn8s(init.torch_f, f_vars)
+        logging.info("F: PyTorch LSD-seg weights from %s", init.torch_f)
+    states = states.replace(f=f.replace(params=f_vars["params"], frozen=f_vars["frozen"]))
+    for name, path, importer in (("g", init.torch_g, weights.import_torch_generator),
+                                 ("d", init.torch_d, weights.import_torch_discriminator)):
+        if not path:
+            continue
+        if not uses_gd(config):
+            raise ValueError(f"config.init.torch_{name} is set but config.method="
+                             f"{config.method!r} has no {name.upper()}")
+        state = getattr(states, name)
+        params = importer(path, {"params": state.params})["params"]
+        states = states.replace(**{name: state.replace(params=params)})
+        logging.info("%s: PyTorch LSD-seg weights from %s", name.upper(), path)
+    return states
+
+
+def initial_states(config, programs: Programs) -> steps.TrainStates:
+    """Fresh states (with config.init's weights), replicated over the mesh."""
+    init_key = jax.random.fold_in(base_key(config), -1 % 2**31)  # apart from the step keys
+    states = _import_weights(config, programs.init(init_key))
+    return parallel.replicate(states, programs.mesh)
+
+
+def abstract_states(config, programs: Programs):
+    """Shapes, dtypes and (replicated) shardings of the states, computing nothing."""
+    shapes = jax.eval_shape(programs.init, jax.random.key(0))
+    sharding = parallel.replicated(programs.mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def first_nonfinite(history: list[tuple[int, dict]]) -> tuple[int, str, float] | None:
+    """(step, term, value) of the first NaN/inf among host metrics, in step order."""
+    for step, metrics in history:
+        for term, value in sorted(metrics.items()):
+            if not np.all(np.isfinite(value)):
+                return step, term, float(np.asarray(value).ravel()[0])
+    return None
+
+
+def mean_metrics(history: list[tuple[int, dict]]) -> dict[str, float]:
+    keys = history[0][1].keys()
+    return {k: float(np.mean([m[k] for _, m in history])) for k in keys}
+
+
+def learning_rates(config, programs: Programs, step: int) -> dict[str, float]:
+    f_lr = float(programs.nets.f_learning_rate(step))
+    rates = {"lr/f": f_lr, "lr/f_bias": f_lr * config.optim.f_bias_lr_mult}
+    if uses_gd(config):
+        rates["lr/g_d"] = config.optim.gd_lr
+    return rates
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def console_line(step: int, num_steps: int, means: dict, method: str, steps_per_sec: float
+                 ) -> str:
+    terms = "  ".join(f"{t} {means[t]:.4g}" for t in CONSOLE_TERMS[method] if t in means)
+    eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
+    return (f"step {step:>{len(str(num_steps))}}/{num_steps}  {terms}  "
+            f"{steps_per_sec:.2f} steps/s  ETA {format_duration(eta)}")
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard summaries from process 0 only; the console line is written separately (the
+    default writer's logging of every scalar would bury it)."""
+    if jax.process_index() != 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def _host(array) -> np.ndarray:
+    """A global array (possibly spanning processes) as numpy, on every process."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
+def write_train_pictures(writer, step: int, config, programs: Programs, states, batch) -> None:
+    """Source and target inputs, G's reconstructions of each, predictions, source labels."""
+    g_params = states.g.params if uses_gd(config) else None
+    out = programs.pictures(states.f.variables(), g_params, batch)
+    colors = classes.class_colors(config.data.class_set)
+    n = config.eval.num_images
+    images = {}
+    for domain in ("source", "target"):
+        if f"{domain}_prediction" not in out:
+            continue
+        recon = out.get(f"{domain}_reconstruction")
+        images[f"train/{domain}"] = visualize.summary_grid(
+            _host(batch[f"{domain}_image"])[:n], None if recon is None else _host(recon)[:n],
+            _host(out[f"{domain}_prediction"])[:n],
+            _host(batch["source_label"])[:n] if domain == "source" else None, colors)
+    writer.write_images(step, images)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def class_subsets(config) -> dict[str, list[int]]:
+    """Extra mIoUs to report: the SYNTHIA 13-class score of a 16-class model (SPEC 6)."""
+    if config.data.class_set == "synthia16":
+        return {"13 classes": [classes.SYNTHIA_16.index(c) for c in classes.SYNTHIA_13]}
+    return {}
+
+
+def _with_eval_set(data, field: str):
+    """The data config with `data.<field>` as the set `pipeline.eval_batches` reads."""
+    data = data.copy_and_resolve_references()
+    data.unlock()
+    data.eval = data[field]
+    return data
+
+
+def run_evaluation(config, programs: Programs, f_variables, field: str,
+                   on_predictions: Callable | None = None) -> dict:
+    """Evaluate F on `config.data.<field>` ("eval" or "selection"): the `summarize` dict."""
+    from lsd_jax.data import pipeline
+
+    data = _with_eval_set(config.data, field)
+    batches = pipeline.eval_batches(data, programs.mesh)
+    confusion = evaluate.evaluate(functools.partial(programs.predict, f_variables), batches,
+                                  config.num_classes, method=config.eval.confusion_method,
+                                  on_predictions=on_predictions)
+    return evaluate.summarize(confusion, classes.class_names(config.data.class_set),
+                              class_subsets(config),
+                              metadata={"dataset": data.eval.name, "split": data.eval.split,
+                                        "scale": list(data.eval.scale)})
+
+
+class _EvalPictures:
+    """on_predictions callback keeping the first batch's rows for the summaries."""
+
+    def __init__(self, num_images: int):
+        self.num_images, self.rows = num_images, None
+
+    def __call__(self, batch, predicted):
+        if self.rows is None and self.num_images:
+            n = self.num_images
+            self.rows = (_host(batch["image"])[:n], _host(predicted)[:n],
+                         _host(batch["label"])[:n])
+
+
+def log_evaluation(writer, step: int, prefix: str, summary: dict, pictures: _EvalPictures,
+                   colors) -> None:
+    scalars = {f"{prefix}/miou": summary["miou"] if summary["miou"] is not None else math.nan}
+    for name, subset in summary["subsets"].items():
+        scalars[f"{prefix}/miou_{name.replace(' ', '_')}"] = subset["miou"]
+    for name, iou in summary["per_class_iou"].items():
+        scalars[f"{prefix}/iou/{name.replace(' ', '_')}"] = math.nan if iou is None else iou
+    writer.write_scalars(step, scalars)
+    if pictures.rows is not None:
+        image, predicted, label = pictures.rows
+        writer.write_images(step, {f"{prefix}/prediction_vs_label": visualize.summary_grid(
+            image, None, predicted, label, colors)})
+
+
+def _percent(x):
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int
+    states: Any
+    selection: list  # [{"step", "miou"}] of the periodic evaluations of this run
+    eval_summary: dict | None
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None,
+                       evaluate_at_end: bool = True) -> TrainResult:
+    """Train from scratch or resume from the workdir's latest checkpoint, to train.num_steps.
+
+    evaluate_at_end: also evaluate the final state on `data.eval` and write the results (what
+    `--mode train_and_eval` does).
+    """
+    check_config(config)
+    check_selection_is_not_eval(config.data)
+    checkpoint.check_compatible(workdir, config)
+    fields = ("source", "target") + (("selection",) if config.train.eval_every else ()) + \
+        (("eval",) if evaluate_at_end else ())
+    check_datasets(config.data, fields)
+    programs = programs or build_programs(config)
+    _check_programs(programs, config)
+    checkpoint.write_config(workdir, config)
+
+    manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep,
+                                      config.checkpoint.asynchronous)
+    key, start = base_key(config), 0
+    if checkpoint.available_steps(manager):  # resume: nothing to initialise
+        restored = checkpoint.restore(manager, abstract_states(config, programs), key)
+        states, key, start = restored.states, restored.base_key, restored.step
+        logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
+    else:
+        states = initial_states(config, programs)
+    num_steps = config.train.num_steps
+    writer = make_writer(workdir)
+    if start == 0:
+        writer.write_hparams({k: (str(v) if isinstance(v, (list, dict)) or v is None else v)
+                              for k, v in checkpoint.flatten_config(config).items()})
+    try:
+        result = _train_loop(config, workdir, programs, manager, writer, states, key, start,
+                             num_steps)
+        eval_summary = None
+        if evaluate_at_end:
+            eval_summary = _report(config, workdir, programs, writer, result.step,
+                                   result.states.f.variables())
+        return dataclasses.replace(result, eval_summary=eval_summary)
+    finally:
+        manager.wait_until_finished()  # a pending save completes, even when stopping on error
+        manager.close()
+        writer.flush()
+        writer.close()
+
+
+def _train_batches(config, programs: Programs, start: int) -> Iterator[dict]:
+    from lsd_jax.data import pipeline
+
+    batches = pipeline.train_batches(config.data, programs.mesh, start_step=start)
+    if uses_gd(config):
+        return batches
+    # The baseline reads no target images; dropping them here keeps one pipeline for both.
+    return ({k: v for k, v in b.items() if k.startswith("source_")} for b in batches)
+
+
+def _train_loop(config, workdir, programs: Programs, manager, writer, states, key, start: int,
+                num_steps: int) -> TrainResult:
+    updates, method = programs.updates, config.method
+    colors = classes.class_colors(config.data.class_set)
+    progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                               every_steps=config.train.log_every,
+                                               every_secs=None)
+    batches = _train_batches(config, programs, start)
+    unchecked: list[tuple[int, dict]] = []  # device metrics not yet checked for NaN/inf
+    unlogged: list[tuple[int, dict]] = []   # checked host metrics since the last log
+    selection: list[dict] = []
+    last_log_time, last_log_step = time.perf_counter(), start
+    for step in range(start, num_steps):
+        batch = next(batches)
+        step_key = jax.random.fold_in(key, step)
+        if uses_gd(config):
+            states, metrics = updates.step(states, batch, step_key)
+        else:
+            f_state, metrics = updates.source_only_update(states.f, batch, step_key)
+            states, metrics = states.replace(f=f_state), {f"f/{k}": v for k, v in metrics.items()}
+        done = step + 1
+        unchecked.append((done, metrics))
+        progress(done)
+
+        log_due = _due(done, config.train.log_every, num_steps)
+        save_due = _due(done, config.checkpoint.every, num_steps)
+        eval_due = config.train.eval_every > 0 and _due(done, config.train.eval_every, num_steps)
+        image_due = config.train.image_every > 0 and done % config.train.image_every == 0
+        if not (log_due or save_due or eval_due or image_due):
+            continue
+        # Everything below may make the run's state permanent or public: check it first.
+        host = jax.device_get(unchecked)
+        unchecked = []
+        bad = first_nonfinite(host)
+        if bad is not None:
+            bad_step, term, value = bad
+            last = max(checkpoint.available_steps(manager), default=None)
+            raise NonFiniteLossError(
+                f"loss term {term!r} is {value} at step {bad_step} (the update that produced "
+                f"step {bad_step}'s state); stopping. The last good checkpoint is "
+                + (f"step {last} in {manager.directory}." if last is not None else
+                   "none: no checkpoint was saved before.")
+                + " Lower the learning rates, or check the data and the initial weights.")
+        unlogged += host
+        if log_due:
+            now = time.perf_counter()
+            rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
+            means = mean_metrics(unlogged)
+            writer.write_scalars(done, {**means, **learning_rates(config, programs, done)})
+            logging.info("%s", console_line(done, num_steps, means, method, rate))
+            unlogged, last_log_time, last_log_step = [], now, done
+        if image_due:
+            write_train_pictures(writer, done, config, programs, states, batch)
+        if save_due:
+            checkpoint.save(manager, done, states, key)
+        if eval_due:
+            with progress.timed("eval"):
+                pictures = _EvalPictures(config.eval.num_images)
+                summary = run_evaluation(config, programs, states.f.variables(), "selection",
+                                         pictures)
+            log_evaluation(writer, done, "selection", summary, pictures, colors)
+            selection.append({"step": done, "miou": summary["miou"]})
+            _write_selection(workdir, done, summary, selection)
+            logging.info("step %d: selection mIoU %s %% on %s:%s", done,
+                         _percent(summary["miou"]), summary["dataset"], summary["split"])
+        writer.flush()
+    return TrainResult(max(start, num_steps), states, selection, None)
+
+
+def _write_selection(workdir: str, step: int, summary: dict, history: list[dict]) -> None:
+    """Per-step results on the selection set, and the best step so far (process 0)."""
+    if jax.process_index() != 0:
+        return
+    directory = os.path.join(workdir, RESULTS_SUBDIR, "selection")
+    evaluate.write_results(directory, summary, f"step_{step}",
+                           f"Model selection set, step {step}")
+    scored = [h for h in history if h["miou"] is not None]
+    if scored:
+        best = max(scored, key=lambda h: h["miou"])
+        logging.info("best selection mIoU so far: %s %% at step %d (this run)",
+                     _percent(best["miou"]), best["step"])
+
+
+# ----------------------------------------------------------------------------- eval mode
+
+def _report(config, workdir: str, programs: Programs, writer, step: int, f_variables) -> dict:
+    """Evaluate on data.eval; write results/eval_step_<step>.{json,md} (process 0)."""
+    pictures = _EvalPictures(config.eval.num_images)
+    png_dir = os.path.join(workdir, RESULTS_SUBDIR, f"predictions_step_{step}")
+    counter = [0]
+
+    def on_predictions(batch, predicted):
+        pictures(batch, predicted)
+        if config.eval.write_pngs:
+            predicted, mask = _host(predicted), _host(batch["mask"])
+            names = [f"{counter[0] + i:05d}" for i in range(len(predicted))]
+            counter[0] += len(predicted)
+            if jax.process_index() == 0:
+                evaluate.write_prediction_pngs(png_dir, predicted[mask],
+                                               [n for n, m in zip(names, mask) if m],
+                                               classes.class_colors(config.data.class_set))
+
+    summary = run_evaluation(config, programs, f_variables, "eval", on_predictions)
+    summary = {"step": step, "method": config.method, **summary}
+    log_evaluation(writer, step, "eval", summary, pictures,
+                   classes.class_colors(config.data.class_set))
+    if jax.process_index() == 0:
+        json_path, md_path = evaluate.write_results(
+            os.path.join(workdir, RESULTS_SUBDIR), summary, f"eval_step_{step}",
+            f"{summary['dataset']} ({summary['split']}), step {step}, {config.method}")
+        logging.info("Results written to %s and %s", json_path, md_path)
+    extra = "".join(f", {name} {_percent(s['miou'])} %" for name, s in summary["subsets"].items())
+    logging.info("step %d: mIoU %s %% on %s:%s (%d classes)%s", step, _percent(summary["miou"]),
+                 summary["dataset"], summary["split"], summary["num_classes_in_miou"], extra)
+    return summary
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
+                        programs: Programs | None = None) -> dict:
+    """Restore the checkpoint of `step` (config.eval.step, else the latest) and evaluate it on
+    data.eval; the results go to <workdir>/results/eval_step_<step>.{json,md}."""
+    check_config(config)
+    checkpoint.check_compatible(workdir, config)
+    check_datasets(config.data, ("eval",))
+    step = config.eval.step if step is None else step
+    programs = programs or build_programs(config)
+    _check_programs(programs, config)
+    manager = checkpoint.make_manager(workdir, None, asynchronous=False, read_only=True)
+    try:
+        restored = checkpoint.restore(manager, abstract_states(config, programs),
+                                      base_key(config), step)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: "
+                                "train first (--mode train), or point --workdir at a run")
+    writer = make_writer(workdir)
+    try:
+        return _report(config, workdir, programs, writer, restored.step,
+                       restored.states.f.variables())
+    finally:
+        writer.flush()
+        writer.close()
+
+
+# ----------------------------------------------------------------------------- summary mode
+
+def training_size(config) -> tuple[int, int]:
+    domain = config.data.source
+    size = domain.crop if domain.crop is not None else domain.resize
+    if size is None:
+        raise ValueError("config.data.source: set `crop` or `resize` (H, W) to give the "
+                         "training size")
+    return tuple(size)
+
+
+def model_summary(config) -> str:
+    """F's, G's and D's parameter overviews (totals in full) and output shapes at the config's
+    training size and batch, from shapes alone (jax.eval_shape): no data, no compute."""
+    nets = steps.build_networks(config)
+    height, width = training_size(config)
+    batch = config.data.batch_size
+    states = jax.eval_shape(lambda k: steps.init_states(nets, k, with_gd=True), jax.random.key(0))
+    image = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+    f_out = jax.eval_shape(lambda v, x: nets.f.apply(v, x, train=False), states.f.variables(),
+                           image)
+    g_out = jax.eval_shape(lambda p, *feats: nets.g.apply({"params": p}, *feats, train=False),
+                           states.g.params, *f_out[1:])
+    d_out = jax.eval_shape(lambda p, x: nets.d.apply({"params": p}, x, train=False),
+                           states.d.params, image)
+
+    def count(tree):
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+    def shapes(names, outputs):
+        return "\n".join(f"  {n:<8} {tuple(o.shape)} {o.dtype}" for n, o in zip(names, outputs))
+
+    f_trainable, f_frozen = count(states.f.params), count(states.f.frozen)
+    sections = [
+        f"Config: method={config.method}, num_classes={config.num_classes}, "
+        f"model.width={config.model.width}, model.dtype={config.model.dtype}, "
+        f"input {batch}x{height}x{width}x3 (data.batch_size x data.source crop/resize)",
+        "F + C (FCN8s): trainable parameters",
+        parameter_overview.get_parameter_overview(states.f.params, include_stats=False),
+        "F + C (FCN8s): frozen bilinear upsampling kernels (never trained)",
+        parameter_overview.get_parameter_overview(states.f.frozen, include_stats=False),
+        f"F total: {f_trainable + f_frozen:,} parameters ({f_trainable:,} trainable + "
+        f"{f_frozen:,} frozen)",
+        "F outputs:\n" + shapes(("score", "fc7", "pool4", "pool3"), f_out),
+        "G (Generator)",
+        parameter_overview.get_parameter_overview(states.g.params, include_stats=False),
+        f"G total: {count(states.g.params):,} parameters",
+        "G output (from F's fc7, pool4, pool3):\n" + shapes(("image",), [g_out]),
+        "D (Discriminator)",
+        parameter_overview.get_parameter_overview(states.d.params, include_stats=False),
+        f"D total: {count(states.d.params):,} parameters",
+        "D outputs (for an image of the input size):\n" + shapes(("out_s", "out_c"), d_out),
+    ]
+    if config.method == "source_only":
+        sections.append("(method source_only trains F + C only; G and D are listed for "
+                        "reference)")
+    return "\n\n".join(sections)

@@ -1,0 +1,289 @@
+"""Data parallelism over a device mesh, on one host and across processes (issue 5, items 1-2).
+
+The composed LSD step compiled over a `jax.sharding.Mesh` must give the same training whatever
+the number of devices or processes the same global batch is split over:
+- 8 simulated CPU devices and 1 device: the same losses and parameters after two steps;
+- 2 processes x 2 CPU devices (jax.distributed on localhost, gloo collectives), each process
+  feeding its own half of the batch: the same as 1 process x 4 devices; the checkpoint they
+  write is one checkpoint, and it restores into a single-process run.
+and the parameters and optimizer states stay replicated, the input states are donated, and a
+batch that does not split over the devices is refused with a message that says so.
+
+Device counts are fixed when JAX starts, so every run happens in a subprocess with its own
+XLA_FLAGS. Networks are tiny (model.width = 1/16, 64x64 images, global batch 8) and XLA's CPU
+backend optimisation is turned down (the programs are the same, they compile twice as fast).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+GLOBAL_BATCH, STEPS = 8, 2
+
+COMMON = r"""
+import json, sys, warnings
+import jax
+import numpy as np
+from configs import default
+from lsd_jax import parallel, steps
+
+GLOBAL_BATCH, STEPS = 8, 2
+
+def config():
+    c = default.get_config()
+    c.model.width = 1 / 16
+    return c
+
+def full_batch():
+    rng = np.random.default_rng(0)
+    n, hw = GLOBAL_BATCH, 64
+    out = {}
+    for domain in ("source", "target"):
+        x01 = rng.random((n, hw, hw, 3), np.float32)
+        out[domain + "_image01"] = x01
+        out[domain + "_image"] = x01 * 255.0 - 110.0
+    out["source_label"] = rng.integers(0, 19, (n, hw, hw)).astype(np.int32)
+    return out
+
+def train(nets, updates, mesh, local_batch):
+    # Built identically on every process from the same seed, then replicated.
+    states = parallel.replicate(steps.init_states(nets, jax.random.key(0)), mesh)
+    batch = parallel.global_batch(local_batch, mesh)
+    base_key = jax.random.key(1)
+    losses, report = [], {"replicated": True, "donated": True, "warnings": []}
+    for i in range(STEPS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            old = states
+            states, metrics = updates.step(states, batch, jax.random.fold_in(base_key, i))
+            jax.block_until_ready(states)
+        report["warnings"] += [str(w.message) for w in caught]
+        report["donated"] &= all(x.is_deleted() for x in jax.tree.leaves(old))
+        losses.append({k: float(np.asarray(v)) for k, v in metrics.items()})
+        for x in jax.tree.leaves(states):
+            report["replicated"] &= bool(x.sharding.is_fully_replicated
+                                         and x.sharding.spec == jax.sharding.PartitionSpec()
+                                         and len(x.sharding.device_set) == mesh.size)
+    return states, losses, report
+
+def flat_params(states):
+    out = {}
+    for net in ("f", "g", "d"):
+        leaves = jax.tree_util.tree_leaves_with_path(getattr(states, net).params)
+        for path, x in leaves:
+            out[net + "/" + jax.tree_util.keystr(path)] = np.asarray(x)
+    return out
+"""
+
+SINGLE_PROCESS = COMMON + r"""
+out = sys.argv[1]
+nets = steps.build_networks(config())
+batch = full_batch()
+results, arrays = {}, {}
+for n in (8, 4, 1):
+    mesh = parallel.make_mesh(n)
+    updates = steps.make_updates(nets, "alternating", donate=True, mesh=mesh)
+    states, losses, report = train(nets, updates, mesh, batch)
+    results[n] = {"losses": losses, **report}
+    arrays.update({f"{n}:{k}": v for k, v in flat_params(states).items()})
+    if n == 8:
+        # A global batch of 4 over 8 devices, and 3 devices for a batch of 8: refused, clearly.
+        small = {k: v[:4] for k, v in batch.items()}
+        errors = []
+        try:
+            updates.step(states, jax.device_put(small), jax.random.key(2))
+        except ValueError as e:
+            errors.append(str(e))
+        try:
+            parallel.global_batch(batch, parallel.make_mesh(3))
+        except ValueError as e:
+            errors.append(str(e))
+        results["errors"] = errors
+np.savez(out + ".npz", **arrays)
+with open(out + ".json", "w") as f:
+    json.dump(results, f)
+"""
+
+MULTI_PROCESS = COMMON + r"""
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from lsd_jax import checkpoint
+from lsd_jax.distributed import initialize_distributed
+
+address, process_id, workdir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+initialize_distributed(address, 2, process_id, initialization_timeout=60)
+assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+nets = steps.build_networks(config())
+mesh = parallel.make_mesh()
+updates = steps.make_updates(nets, "alternating", donate=True, mesh=mesh)
+per_process = GLOBAL_BATCH // 2
+mine = slice(process_id * per_process, (process_id + 1) * per_process)
+local = {k: v[mine] for k, v in full_batch().items()}   # this process reads only its rows
+states, losses, report = train(nets, updates, mesh, local)
+manager = checkpoint.make_manager(workdir, asynchronous=False)
+checkpoint.save(manager, STEPS, states, parallel.replicate(jax.random.key(1), mesh))
+manager.wait_until_finished()
+manager.close()
+np.savez(f"{out}.{process_id}.npz", **flat_params(states))
+with open(f"{out}.{process_id}.json", "w") as f:
+    json.dump({"losses": losses, **report, "process_index": jax.process_index()}, f)
+"""
+
+
+def python_env(devices):
+    cluster_prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "KUBERNETES_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_prefixes)}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+    return env
+
+
+def run_processes(argvs, env, timeout):
+    """Runs the processes side by side; kills all of them on the first failure or timeout."""
+    processes = [subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO_ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for argv in argvs]
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=timeout)
+            assert process.returncode == 0, stderr[-4000:]
+    finally:
+        for process in processes:   # never leave a process waiting for its peer
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """One process with 8 CPU devices, the same training on meshes of 8, 4 and 1 devices."""
+    tmp = tmp_path_factory.mktemp("mesh")
+    worker = tmp / "worker.py"
+    worker.write_text(SINGLE_PROCESS)
+    out = str(tmp / "result")
+    run_processes([[str(worker), out]], python_env(8), timeout=300)
+    with open(out + ".json") as f:
+        results = json.load(f)
+    arrays = dict(np.load(out + ".npz"))
+    params = {n: {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{n}:")}
+              for n in (8, 4, 1)}
+    return results, params
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """2 processes x 2 CPU devices on localhost, each feeding its half of the global batch."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    worker = tmp / "worker.py"
+    worker.write_text(MULTI_PROCESS)
+    workdir, out = str(tmp / "workdir"), str(tmp / "result")
+    address = f"127.0.0.1:{free_port()}"
+    run_processes([[str(worker), address, str(i), workdir, out] for i in range(2)],
+                  python_env(2), timeout=300)
+    results, params = [], []
+    for i in range(2):
+        with open(f"{out}.{i}.json") as f:
+            results.append(json.load(f))
+        params.append(dict(np.load(f"{out}.{i}.npz")))
+    return results, params, workdir
+
+
+def assert_same_losses(a, b, rtol=1e-5):
+    assert len(a) == len(b) == STEPS
+    for step_a, step_b in zip(a, b):
+        assert step_a.keys() == step_b.keys()
+        for name in step_a:
+            np.testing.assert_allclose(step_a[name], step_b[name], rtol=rtol, atol=1e-5,
+                                       err_msg=name)
+
+
+def assert_same_params(a, b):
+    """Equal up to float summation order. Adam divides each gradient by its own running scale,
+    so a gradient that is ~0 in exact arithmetic may step by up to +-lr either way: the
+    tolerance is a few optimizer steps of the largest learning rate (1e-4) in absolute terms,
+    while almost every element must agree far more closely."""
+    assert a.keys() == b.keys()
+    close = total = 0
+    for name in a:
+        diff = np.abs(a[name].astype(np.float64) - b[name])
+        assert diff.max() <= 2 * STEPS * 1e-4, (name, diff.max())
+        close += int(np.sum(diff <= 1e-6 + 1e-5 * np.abs(b[name])))
+        total += diff.size
+    assert close >= 0.999 * total, f"only {close} of {total} parameters agree to 1e-5"
+
+
+def test_eight_devices_train_like_one_device(single_process):
+    results, params = single_process
+    assert_same_losses(results["8"]["losses"], results["1"]["losses"])
+    assert_same_params(params[8], params[1])
+    assert_same_params(params[4], params[1])
+
+
+def test_states_stay_replicated_and_are_donated_without_warnings(single_process):
+    results, _ = single_process
+    for n in ("8", "4", "1"):
+        assert results[n]["replicated"], f"{n} devices: a state is not fully replicated"
+        assert results[n]["donated"], f"{n} devices: the input states were not donated"
+        assert not [w for w in results[n]["warnings"] if "donat" in w.lower()], results[n]
+    # The training really changed the parameters (so the comparisons above mean something).
+    results_losses = [step["f/loss"] for step in results["1"]["losses"]]
+    assert np.isfinite(results_losses).all()
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused(single_process):
+    results, _ = single_process
+    small, three = results["errors"]
+    assert "batch size 4 cannot be split over the 8 devices" in small
+    assert "batch size 8 cannot be split over the 3 devices" in three
+
+
+def test_two_processes_train_like_one_process_with_four_devices(single_process, two_processes):
+    reference, reference_params = single_process
+    results, params, _ = two_processes
+    assert [r["process_index"] for r in results] == [0, 1]
+    for r, p in zip(results, params):
+        assert r["replicated"] and r["donated"]
+        assert_same_losses(r["losses"], reference["4"]["losses"])
+        assert_same_params(p, reference_params[4])
+    # Both processes hold exactly the same (replicated) parameters.
+    for name in params[0]:
+        np.testing.assert_array_equal(params[0][name], params[1][name], err_msg=name)
+
+
+def test_checkpoint_of_two_processes_is_written_once_and_restores_in_one(two_processes):
+    from configs import default
+    from lsd_jax import checkpoint, steps
+
+    _, params, workdir = two_processes
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    assert checkpoint.available_steps(manager) == [STEPS]   # one checkpoint, not one per process
+    entries = os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR))
+    assert [e for e in entries if not e.startswith(".")] == [str(STEPS)], entries
+
+    config = default.get_config()
+    config.model.width = 1 / 16
+    nets = steps.build_networks(config)
+    like = steps.init_states(nets, jax.random.key(5))  # this process: 1 process, 1 device
+    restored = checkpoint.restore(manager, like, jax.random.key(0))
+    assert restored.step == STEPS and jax.process_count() == 1
+    np.testing.assert_array_equal(jax.random.key_data(restored.base_key),
+                                  jax.random.key_data(jax.random.key(1)))
+    for net in ("f", "g", "d"):
+        for path, x in jax.tree_util.tree_leaves_with_path(getattr(restored.states, net).params):
+            name = net + "/" + jax.tree_util.keystr(path)
+            np.testing.assert_array_equal(np.asarray(x), params[0][name], err_msg=name)
+    # The optimizer states came back too (Adam's step count after STEPS updates).
+    counts = [int(x) for x in jax.tree.leaves(restored.states.d.opt_state) if x.ndim == 0]
+    assert counts and all(c == STEPS for c in counts)

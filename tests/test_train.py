@@ -1,0 +1,93 @@
+"""The training loop's failure handling and helpers (the loop itself: test_checkpoint, test_main)."""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsd_jax import checkpoint, train
+from train_helpers import load_config_file, tiny_config, tiny_programs
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_checkpoint(
+        tmp_path):
+    programs = tiny_programs()
+    calls = []
+
+    def poisoned_step(states, batch, key):  # the real update; its 3rd loss report is NaN
+        states, metrics = programs.updates.step(states, batch, key)
+        calls.append(1)
+        if len(calls) == 3:
+            metrics = {**metrics, "g/l1": metrics["g/l1"] * jnp.nan}
+        return states, metrics
+
+    poisoned = dataclasses.replace(
+        programs, updates=programs.updates._replace(step=poisoned_step))
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.train.num_steps = 6
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"'g/l1' is nan at step 3 .* last good checkpoint is step 2"):
+        train.train_and_evaluate(config, str(tmp_path / "run"), programs=poisoned,
+                                 evaluate_at_end=False)
+    manager = checkpoint.make_manager(str(tmp_path / "run"), read_only=True)
+    assert checkpoint.available_steps(manager) == [2]
+    manager.close()
+
+
+def test_first_nonfinite_finds_the_earliest_step():
+    history = [(1, {"a": np.float32(1)}), (2, {"a": np.float32(np.inf), "b": np.float32(1)}),
+               (3, {"b": np.float32(np.nan)})]
+    assert train.first_nonfinite(history) == (2, "a", float("inf"))
+    assert train.first_nonfinite(history[:1]) is None
+
+
+def test_a_missing_dataset_says_how_to_build_it(tmp_path):
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.data.source.name = "gta5/1280x720_jpeg"
+    config.data.source.config_overrides = {}
+    with pytest.raises(train.DatasetMissingError) as error:
+        train.check_datasets(config.data, ("source",))
+    message = str(error.value)
+    assert "config.data.source" in message
+    assert (f"tfds build gta5 --imports lsd_jax.data.datasets --manual_dir <extracted files> "
+            f"--config 1280x720_jpeg --data_dir {tmp_path / 'tfds'}") in message
+
+
+def test_model_selection_on_the_target_evaluation_set_is_refused():
+    config = load_config_file("synthetic")
+    config.data.selection.name = config.data.eval.name
+    config.data.selection.split = config.data.eval.split
+    with pytest.raises(ValueError, match="never use the target evaluation set"):
+        train.check_selection_is_not_eval(config.data)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train.num_steps", 0, r"config.train.num_steps=0: expected a positive integer"),
+    ("num_classes", 16, r"num_classes=16 but config.data.class_set='cityscapes19' has 19"),
+    ("eval.confusion_method", "histogram", r"confusion_method='histogram'"),
+])
+def test_bad_config_values_name_the_field(field, value, message):
+    config = load_config_file("synthetic")
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message):
+        train.check_config(config)
+
+
+@pytest.mark.parametrize("name", ["default", "synthetic", "gta", "synthia"])
+@pytest.mark.parametrize("variant", ["lsd", "source_only", "target_only"])
+def test_every_config_and_variant_is_valid(name, variant):
+    config = load_config_file(name, variant if name != "default" else "")
+    train.check_config(config)
+    train.check_selection_is_not_eval(config.data)
+    if name != "default":
+        assert config.method == ("lsd" if variant == "lsd" else "source_only")
+    if variant == "target_only" and name != "default":
+        assert config.data.source.name == config.data.target.name
+    with pytest.raises(AttributeError, match="Did you mean"):
+        config.optim.f_llr = 1.0  # locked: a misspelled field is an error
+
+
+def test_console_line_is_readable():
+    line = train.console_line(150, 300, {"f/seg": 1234.5, "d/loss": 2.25, "x": 1}, "lsd", 2.0)
+    assert line == "step 150/300  f/seg 1234  d/loss 2.25  2.00 steps/s  ETA 1m15s"

@@ -1,0 +1,51 @@
+"""A tiny training setup shared by the training, checkpoint and main tests.
+
+The compiled programs are built once per test process (`tiny_programs`), because XLA's compile
+of the composed LSD step dominates these tests' time.
+"""
+import functools
+import importlib.util
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Synthetic scenes small enough to build in a second; 32x64 training crops (multiples of 32).
+TINY_SCENES = {"height": 64, "width": 128, "num_train": 16, "num_validation": 6}
+
+
+def load_config_file(name: str, argument: str = ""):
+    path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"test_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()
+
+
+def tiny_config(data_dir: str, variant: str = "lsd"):
+    """configs/synthetic.py at 32x64 on 16 tiny scenes, a few steps, no periodic work."""
+    config = load_config_file("synthetic", variant)
+    data = config.data
+    data.data_dir = data_dir
+    for field in ("source", "target", "eval", "selection"):
+        data[field].config_overrides = dict(TINY_SCENES)
+    data.source.crop = data.target.crop = (32, 64)
+    data.target.split = "train[:12]"
+    data.selection.split = "train[12:]"
+    data.eval.scale = data.selection.scale = (32, 64)
+    data.eval.batch_size = data.selection.batch_size = 4
+    data.shuffle_buffer = 16
+    config.train.num_steps = 4
+    config.train.log_every = 2
+    config.train.image_every = 0
+    config.train.eval_every = 0
+    config.checkpoint.every = 2
+    config.eval.num_images = 2
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_programs(variant: str = "lsd"):
+    """Compiled for a mesh of 2 of the tests' simulated CPU devices (conftest.py): the batch of
+    2 is split over them, as data parallelism on a real machine."""
+    from lsd_jax import parallel, train
+    return train.build_programs(tiny_config("unused", variant), parallel.make_mesh(2))
