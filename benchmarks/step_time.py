@@ -194,9 +194,8 @@ def main():
     config = default_config.get_config()
     config.model.width = args.model_width
     config.model.dtype = args.dtype
-    with config.unlocked():  # configs/default.py may not list the remat fields (yet)
-        config.model.remat_f = args.remat_f
-        config.model.remat_g = args.remat_g
+    config.model.remat_f = args.remat_f
+    config.model.remat_g = args.remat_g
     nets = steps.build_networks(config)
     mesh = parallel.make_mesh(args.num_devices)
     parallel.check_batch_divisible(args.batch, mesh)

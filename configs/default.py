@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.width = 1.0        # multiplier on every channel count of F, G and D
     config.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay f32)
     config.model.dropout_rate = 0.5  # fc6/fc7 channel dropout and the ResBlocks' dropout
+    # Rematerialisation: recompute each VGG block / G stage in the backward pass instead of
+    # keeping its activations (less memory, more compute; results unchanged).
+    config.model.remat_f = False
+    config.model.remat_g = False
 
     # "alternating": D steps, then G with the new D, then F with the new D and G.
     # "simultaneous": all three gradients from one forward pass at the start parameters.

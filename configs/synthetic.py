@@ -1,4 +1,4 @@
-"""The embedded benchmark: LSD on procedural street scenes, done in minutes on a laptop CPU.
+"""The embedded benchmark: LSD on procedural street scenes, sized for a 2-core CPU.
 
     python -m lsd_jax.main --config configs/synthetic.py --workdir runs/demo
     python -m lsd_jax.main --config configs/synthetic.py:source_only --workdir runs/demo_so

@@ -143,7 +143,7 @@ def build_networks(config) -> Networks:
     m = config.model
     dtype = DTYPES[m.dtype]
     # Rematerialisation (activation memory for compute); absent from older configs: off.
-    remat_f, remat_g = bool(m.get("remat_f", False)), bool(m.get("remat_g", False))
+    remat_f, remat_g = bool(m.remat_f), bool(m.remat_g)
     return Networks(
         f=FCN8s(config.num_classes, m.width, m.dropout_rate, dtype, remat=remat_f),
         g=Generator(m.width, m.dropout_rate, dtype, remat=remat_g),

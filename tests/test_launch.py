@@ -204,7 +204,9 @@ def clean_python_env():
     """This environment minus anything that could make JAX think it runs in a cluster."""
     cluster_prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "KUBERNETES_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_prefixes)}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+    # One CPU device per process: the test suite's 8 simulated devices must not leak in.
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return env
 
 
