@@ -142,7 +142,7 @@ def build_networks(config) -> Networks:
                          f"{config.loss.reduction!r}")
     m = config.model
     dtype = DTYPES[m.dtype]
-    # Rematerialisation (activation memory for compute); absent from older configs: off.
+    # Rematerialisation: trades activation memory for recomputation in the backward pass.
     remat_f, remat_g = bool(m.remat_f), bool(m.remat_g)
     return Networks(
         f=FCN8s(config.num_classes, m.width, m.dropout_rate, dtype, remat=remat_f),
