@@ -18,24 +18,15 @@ Expected result (published, VGG16 FCN-8s): LSD 37.1 mIoU, source-only about 29.6
 reproduced by this project: no run of this config has been measured here.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from lsd_jax.config_files import load_sibling
 
 HELD_OUT = 200  # Cityscapes train images kept (labelled) for model selection
 
 
-def _default():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("lsd_jax_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
-    default = _default()
+    default = load_sibling(__file__)
     config = default.get_config()
     data = config.data
     data.batch_size = 1

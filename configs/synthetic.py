@@ -17,24 +17,15 @@ validation set, which results are reported on); that slice is left out of the ta
 training images.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from lsd_jax.config_files import load_sibling
 
 HELD_OUT = 100  # target train scenes kept for model selection (of 1,000)
 
 
-def _default():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("lsd_jax_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
-    default = _default()
+    default = load_sibling(__file__)
     config = default.get_config()
     config.model.width = 1 / 16
     config.optim.f_lr = 3e-4

@@ -15,24 +15,15 @@ Expected result (published, VGG16 FCN-8s, 16 classes): LSD 36.1 mIoU, source-onl
 Not yet reproduced by this project: no run of this config has been measured here.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from lsd_jax.config_files import load_sibling
 
 HELD_OUT = 200
 
 
-def _default():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("lsd_jax_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
-    default = _default()
+    default = load_sibling(__file__)
     config = default.get_config()
     config.num_classes = 16
     data = config.data
