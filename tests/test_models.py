@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lsd_jax.models import Discriminator, FCN8s, Generator, check_training_size
-from lsd_jax.models.layers import bilinear_kernel, conv_transpose_torch, max_pool_ceil
+from lsd_jax.models.layers import (bilinear_kernel, conv_transpose_torch, max_pool_ceil,
+                                   max_pool_floor)
 
 
 def count(tree) -> int:
@@ -119,11 +120,28 @@ def test_transposed_conv_matches_pytorch(k, s, p):
                                atol=1e-4)
 
 
-def test_ceil_mode_pool_matches_pytorch():
-    x = np.random.default_rng(0).standard_normal((1, 7, 9, 2)).astype(np.float32)
-    expected = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2, 2,
-                                              ceil_mode=True).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(max_pool_ceil(jnp.asarray(x)), expected)
+@pytest.mark.parametrize("ceil_mode", [True, False])
+@pytest.mark.parametrize("size", [(7, 9), (8, 6)])
+def test_max_pool_and_its_gradient_match_pytorch_with_ties(ceil_mode, size):
+    # Rounded ReLU outputs: many windows hold tied maxima (zeros and positive values). PyTorch
+    # gives a window's whole gradient to its first maximum in row-major order; so must we.
+    rng = np.random.default_rng(sum(size) + ceil_mode)
+    x = np.maximum(np.round(rng.standard_normal((2, *size, 3)) * 2), 0).astype(np.float32)
+    pool = max_pool_ceil if ceil_mode else max_pool_floor
+    x_torch = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    y_torch = torch.nn.functional.max_pool2d(x_torch, 2, 2, ceil_mode=ceil_mode)
+    g = rng.standard_normal(y_torch.shape).astype(np.float32)
+    y_torch.backward(torch.from_numpy(g))
+
+    y, vjp = jax.vjp(pool, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))
+    even = x[:, :size[0] // 2 * 2, :size[1] // 2 * 2]
+    windows = even.reshape(2, size[0] // 2, 2, size[1] // 2, 2, 3).transpose(0, 1, 3, 5, 2, 4)
+    windows = windows.reshape(-1, 4)
+    top = windows.max(axis=1, keepdims=True)
+    assert ((windows == top).sum(axis=1)[top[:, 0] > 0] > 1).any()  # positive ties do occur
+    np.testing.assert_array_equal(y, y_torch.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(dx, x_torch.grad.permute(0, 2, 3, 1).numpy())
 
 
 def test_channel_dropout_drops_whole_feature_maps():

@@ -29,15 +29,52 @@ def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def _window_corners(x: jax.Array):
+    """The four members of every 2x2/2 window of an even-sized NHWC map, in row-major order."""
+    return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_vjp
+def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
+    top_left, top_right, bottom_left, bottom_right = _window_corners(x)
+    return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
+
+
+def _max_pool_2x2_even_fwd(x):
+    y = _max_pool_2x2_even(x)
+    return y, (x, y)
+
+
+def _max_pool_2x2_even_bwd(residuals, g):
+    # The whole gradient of a window goes to its first maximum in row-major order, as in
+    # PyTorch and XLA's select-and-scatter (jnp.max would split it between ties). Written as
+    # elementwise selects and an interleave: XLA's CPU select-and-scatter is 3-10x slower.
+    x, y = residuals
+    taken = jnp.zeros(y.shape, bool)
+    grads = []
+    for corner in _window_corners(x):
+        wins = (corner == y) & ~taken
+        grads.append(jnp.where(wins, g, jnp.zeros((), g.dtype)))
+        taken = taken | wins
+    top = jnp.stack(grads[:2], axis=3)      # (n, h/2, w/2, 2, c)
+    bottom = jnp.stack(grads[2:], axis=3)
+    return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)
+
+
+_max_pool_2x2_even.defvjp(_max_pool_2x2_even_fwd, _max_pool_2x2_even_bwd)
+
+
 def max_pool_ceil(x: jax.Array) -> jax.Array:
     """2x2/2 max-pool in PyTorch's ceil mode: a partial window at the bottom/right is kept."""
     h, w = x.shape[1:3]
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)))
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    return _max_pool_2x2_even(x)
 
 
 def max_pool_floor(x: jax.Array) -> jax.Array:
     """2x2/2 max-pool in floor mode (a trailing odd row/column is dropped)."""
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    h, w = x.shape[1:3]
+    return _max_pool_2x2_even(x[:, :h - h % 2, :w - w % 2])
 
 
 def bilinear_kernel(channels: int, size: int) -> np.ndarray:
@@ -64,21 +101,23 @@ def _conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def conv_valid_im2row(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A VALID stride-1 convolution as k matrix products, one per kernel row.
+def conv_valid_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A VALID stride-1 convolution as one matrix product over k x k patches (im2col).
 
-    For the big-kernel, many-channel, small-image layers (F's fc6: 7x7, 512 -> 4096): XLA's CPU
-    convolution, and above all its kernel gradient, is 20x slower there than these matmuls
-    (measured: see docs/benchmarks.md). Same result as a VALID `lax.conv_general_dilated`.
+    For the big-kernel, many-channel, small-map layer (F's fc6: 7x7, 512 -> 4096 on pool5):
+    the patches are small (out_h * out_w rows of k*k*in, 4.5 MB at 128x256, 56 MB at 512x1024
+    per image) while the kernel is large (411 MB), and `kernel.reshape(k*k*in, out)` is free in
+    row-major order, so forward and both gradients are single GEMMs with no copy of the
+    kernel. XLA's CPU convolution, above all its kernel gradient, is 20x+ slower here, and a
+    per-row form spent most of its time transposing kernel rows (measured: docs/benchmarks.md).
+    Same result as a VALID `lax.conv_general_dilated`.
     """
-    k_h, k_w = kernel.shape[:2]
+    k_h, k_w, c_in, c_out = kernel.shape
     out_h, out_w = x.shape[1] - k_h + 1, x.shape[2] - k_w + 1
-    y = None
-    for i in range(k_h):
-        rows = jnp.stack([x[:, i:i + out_h, j:j + out_w] for j in range(k_w)], axis=3)
-        term = jnp.einsum("nhwjc,jco->nhwo", rows, kernel[i])
-        y = term if y is None else y + term
-    return y
+    patches = jnp.stack([x[:, i:i + out_h, j:j + out_w] for i in range(k_h) for j in range(k_w)],
+                        axis=3)
+    patches = patches.reshape(*patches.shape[:3], k_h * k_w * c_in)
+    return jnp.dot(patches, kernel.reshape(k_h * k_w * c_in, c_out))
 
 
 def conv_transpose_col2im(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -182,9 +221,9 @@ class ConvTranspose(nn.Module):
         return y
 
 
-class Im2RowConv(nn.Module):
+class Im2ColConv(nn.Module):
     """A VALID stride-1 convolution with nn.Conv's parameters (kernel (k, k, in, out), bias),
-    computed by `conv_valid_im2row`: for large kernels over many channels on small maps."""
+    computed by `conv_valid_im2col`: for large kernels over many channels on small maps."""
 
     features: int
     kernel_size: int
@@ -197,7 +236,7 @@ class Im2RowConv(nn.Module):
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-        y = conv_valid_im2row(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = conv_valid_im2col(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y

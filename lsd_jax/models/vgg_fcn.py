@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsd_jax.models.layers import (Dtype, Im2RowConv, bilinear_kernel, conv_transpose_torch,
+from lsd_jax.models.layers import (Dtype, Im2ColConv, bilinear_kernel, conv_transpose_torch,
                                    max_pool_ceil, scaled)
 
 # Caffe preprocessing for ImageNet VGG16 weights: BGR, 0-255, this mean subtracted (SPEC 5).
@@ -104,11 +104,13 @@ class FCN8s(nn.Module):
         # Channel dropout (PyTorch Dropout2d): whole feature maps, so broadcast over H and W.
         drop = lambda t: nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2),  # noqa: E731
                                     deterministic=not train)(t)
-        # fc6 (7x7 over 512 channels of a small map) as matmuls: XLA's CPU convolution is
-        # very slow for this shape (see Im2RowConv); same parameters as an nn.Conv.
-        h = drop(nn.relu(Im2RowConv(fc, 7, kernel_init=backbone_init, dtype=self.dtype,
-                                    name="fc6")(h)))
-        fc7 = drop(nn.relu(conv(fc, "fc7", kernel=(1, 1), padding=0)(h)))
+        # fc6 (7x7 over 512 channels of a small map) and fc7 (1x1, 4096 -> 4096) as single
+        # matmuls with free kernel reshapes: XLA's CPU convolution is very slow for fc6 and
+        # copies the transposed fc7 kernel (see Im2ColConv). Same parameters as an nn.Conv.
+        fc_layer = lambda k, name: Im2ColConv(fc, k, kernel_init=backbone_init,  # noqa: E731
+                                              dtype=self.dtype, name=name)
+        h = drop(nn.relu(fc_layer(7, "fc6")(h)))
+        fc7 = drop(nn.relu(fc_layer(1, "fc7")(h)))
 
         zero = nn.initializers.zeros
         score_conv = lambda name: conv(self.num_classes, name, kernel=(1, 1),  # noqa: E731
