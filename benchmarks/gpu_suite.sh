@@ -17,6 +17,10 @@ mkdir -p "$OUT"
 JSON="$OUT/gpu_steps.jsonl"
 LOG="$OUT/gpu_suite.log"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # so that peak memory means what the step needs
+python -c "import jax, flax, optax, ml_collections, torch" || {
+  echo "gpu_suite.sh needs jax (with CUDA), flax, optax, ml_collections and torch" >&2; exit 2; }
+python -c "import jax; assert jax.devices()[0].platform == 'gpu', jax.devices()" || {
+  echo "gpu_suite.sh: jax sees no GPU" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 date -u +%FT%TZ | tee -a "$LOG"
 
@@ -29,8 +33,9 @@ run() {  # label, then benchmarks/step_time.py arguments
 }
 
 # 1. The paper's setting, 1 + 1 images: every combination, with the peer.
-run "f32/tf32 b1" --batch 1 --dtype float32 --peer --peer-args="--tf32"
-run "bf16 b1"     --batch 1 --dtype bfloat16 --peer --peer-args="--amp bf16"
+# --profile-top: the 15 most expensive GPU kernels of one more iteration, named by jax op.
+run "f32/tf32 b1" --batch 1 --dtype float32 --peer --peer-args="--tf32" --profile-top 15
+run "bf16 b1"     --batch 1 --dtype bfloat16 --peer --peer-args="--amp bf16" --profile-top 15
 # 2. Larger batches, composed updates only (the training default), with the peer.
 for b in 2 4; do
   run "bf16 b$b"     --batch $b --dtype bfloat16 --updates composed --modes alternating --peer --peer-args="--amp bf16"

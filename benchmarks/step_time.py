@@ -15,12 +15,18 @@ Per iteration: --batch source and --batch target images (the paper: 1 + 1), so i
 --peer-script) once per update mode, at the same size, in the same run.
 """
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -110,7 +116,7 @@ def bench_one(nets, mesh, mode, updates_kind, states0, batch, args):
         compiled = updates.step.lower(states, batch, key).compile()
         compile_s = time.perf_counter() - t0
         flops, mem = cost(compiled), memory_estimate(compiled)
-        run = compiled
+        run, programs = compiled, [compiled]
     else:
         f_vars = states.f.variables()
         d_c = updates.d_update.lower(states.d, f_vars, states.g.params, batch, key).compile()
@@ -122,6 +128,7 @@ def bench_one(nets, mesh, mode, updates_kind, states0, batch, args):
         mems = [memory_estimate(c) for c in (d_c, g_c, f_c)]
         mem = None if None in mems else max(mems)
         run = lambda s, b, k: steps.lsd_iteration(d_c, g_c, f_c, mode, s, b, k)  # noqa: E731
+        programs = [d_c, g_c, f_c]
     row = {"updates": updates_kind, "mode": mode, "compile_s": compile_s,
            "flops_per_iter": flops, "xla_memory_estimate_gib": None if mem is None else mem / 2**30}
     if args.compile_only:
@@ -142,7 +149,75 @@ def bench_one(nets, mesh, mode, updates_kind, states0, batch, args):
                mfu=None if peak is None else flops / med / (peak * mesh.size),
                peak_mem_gib=None if mem is None else mem / 2**30,
                losses=[float(metrics[f"{n}/loss"]) for n in "dgf"])
+    if args.profile_top:
+        k = jax.random.fold_in(key, args.warmup + args.iters)
+        try:
+            row["profile_top_ms"] = profile_top_ops(lambda: block(run(states, batch, k)),
+                                                    args.profile_top,
+                                                    [c.as_text() for c in programs])
+        except Exception as e:  # noqa: BLE001 - a failed trace must not lose the timings
+            row["profile_error"] = f"{type(e).__name__}: {e}"
     return row
+
+
+# Trace events that time Python or the runtime around the ops, not the ops themselves.
+_NOT_OPS = ("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt", "ExecuteHelper")
+
+
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+
+
+def describe_hlo_ops(hlo_texts):
+    """{instruction name: "result shape  jax op path"} from compiled HLO text, to say what a
+    profiled fusion computes (e.g. ".../transpose(jvp(FCN8s))/conv1_2/conv_general_dilated").
+    A fusion without an op_name takes the first one inside the computation it calls, or that
+    computation's root op (XLA's own rewrites, e.g. some kernel gradients, carry none). Names
+    found in several programs (separate updates) are ambiguous and left undescribed."""
+    out, seen = {}, collections.Counter()
+    for text in hlo_texts:
+        inner, computation, described = {}, None, {}
+        for line in text.splitlines():
+            if not line.startswith((" ", "\t")) and line.rstrip().endswith("{"):
+                computation = line.lstrip("%").split(" ", 1)[0]
+                continue
+            match = _HLO_INSTRUCTION.match(line)
+            if not match:
+                continue
+            name, shape, opcode = match.groups()
+            op_name = _OP_NAME.search(line)
+            if op_name and computation not in inner:
+                inner[computation] = op_name.group(1)
+            if line.lstrip().startswith("ROOT"):
+                inner.setdefault(computation, f"({opcode} in {computation})")
+            described[name] = (shape, op_name.group(1) if op_name else None,
+                               _CALLS.search(line))
+        for name, (shape, op_name, called) in described.items():
+            if op_name is None and called:
+                op_name = inner.get(called.group(1))
+            out[name] = f"{shape}  {op_name or ''}".rstrip()
+            seen[name] += 1
+    return {name: what for name, what in out.items() if seen[name] == 1}
+
+
+def profile_top_ops(run_once, top, hlo_texts=()):
+    """Runs one iteration under jax.profiler and returns its `top` most expensive ops as
+    (name, milliseconds, what it computes): XLA fusions/thunks on the CPU, kernels on a GPU."""
+    trace_dir = tempfile.mkdtemp(prefix="lsd_profile_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run_once()
+    [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS):
+            total[e["name"]] += e.get("dur", 0) / 1e3
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    what = describe_hlo_ops(hlo_texts)
+    return [(name, round(ms, 1), what.get(name, "")) for name, ms in total.most_common(top)]
 
 
 def run_peer(mode, args):
@@ -182,6 +257,8 @@ def main():
     ap.add_argument("--num-devices", type=int, default=None, help="mesh size (default: all)")
     ap.add_argument("--compile-only", action="store_true",
                     help="only compile: compile time, FLOPs and XLA's memory estimate")
+    ap.add_argument("--profile-top", type=int, default=0, metavar="N",
+                    help="profile one more iteration and report its N most expensive ops")
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
     ap.add_argument("--peer-script", default=DEFAULT_PEER)
     ap.add_argument("--peer-args", default="", help='e.g. "--tf32" or "--amp bf16"')
@@ -239,6 +316,11 @@ def main():
               f"{fmt(r.get('xla_memory_estimate_gib'), '.2f')} | "
               f"{fmt(p.get('median_s_per_iter'), '.3f')} | {fmt(p.get('peak_mem_gib'), '.2f')} | "
               f"{fmt(r.get('speedup_vs_peer'), '.2f')}x |")
+    for r in rows:
+        if r.get("profile_top_ms"):
+            print(f"\nmost expensive ops, {r['mode']} {r['updates']} (ms in one iteration):")
+            for name, ms, what in r["profile_top_ms"]:
+                print(f"  {ms:9.1f}  {name:28s} {what}")
 
 
 if __name__ == "__main__":
