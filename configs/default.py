@@ -36,6 +36,25 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     return config
 
 
+def use_cityscapes_target(config: ml_collections.ConfigDict,
+                          held_out: int = 200) -> ml_collections.ConfigDict:
+    """Cityscapes as the target at 1024x512 (GTA5 and SYNTHIA alike): adapt on the stored
+    1024x512 train images except the last `held_out`, which stay labelled for model selection;
+    evaluate on the full-resolution val set with logits from a 1024x512 input."""
+    data = config.data
+    data.target.name = "cityscapes_extracted/1024x512"
+    data.target.split = f"train[:-{held_out}]"
+    data.target.crop = (512, 1024)  # the whole (stored 1024x512) image
+    data.eval.name = "cityscapes_extracted/full"
+    data.eval.scale = (512, 1024)
+    data.eval.batch_size = 8
+    data.selection.name = "cityscapes_extracted/1024x512"
+    data.selection.split = f"train[-{held_out}:]"
+    data.selection.scale = (512, 1024)
+    data.selection.batch_size = 8
+    return config
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 

@@ -22,8 +22,6 @@ import ml_collections
 
 from lsd_jax.config_files import load_sibling
 
-HELD_OUT = 200  # Cityscapes train images kept (labelled) for model selection
-
 
 def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     default = load_sibling(__file__)
@@ -32,15 +30,6 @@ def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     data.batch_size = 1
     data.source.name = "gta5/1280x720_jpeg"
     data.source.crop = (512, 1024)
-    data.target.name = "cityscapes_extracted/1024x512"
-    data.target.split = f"train[:-{HELD_OUT}]"
-    data.target.crop = (512, 1024)  # the whole (stored 1024x512) image
-    data.eval.name = "cityscapes_extracted/full"
-    data.eval.scale = (512, 1024)
-    data.eval.batch_size = 8
-    data.selection.name = "cityscapes_extracted/1024x512"
-    data.selection.split = f"train[-{HELD_OUT}:]"
-    data.selection.scale = (512, 1024)
-    data.selection.batch_size = 8
+    default.use_cityscapes_target(config)
     config.train.eval_every = 5000
     return default.apply_variant(config, variant)

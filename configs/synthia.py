@@ -19,8 +19,6 @@ import ml_collections
 
 from lsd_jax.config_files import load_sibling
 
-HELD_OUT = 200
-
 
 def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     default = load_sibling(__file__)
@@ -31,15 +29,6 @@ def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     data.batch_size = 1
     data.source.name = "synthia/16"
     data.source.crop = (512, 1024)
-    data.target.name = "cityscapes_extracted/1024x512"
-    data.target.split = f"train[:-{HELD_OUT}]"
-    data.target.crop = (512, 1024)
-    data.eval.name = "cityscapes_extracted/full"
-    data.eval.scale = (512, 1024)
-    data.eval.batch_size = 8
-    data.selection.name = "cityscapes_extracted/1024x512"
-    data.selection.split = f"train[-{HELD_OUT}:]"
-    data.selection.scale = (512, 1024)
-    data.selection.batch_size = 8
+    default.use_cityscapes_target(config)
     config.train.eval_every = 5000
     return default.apply_variant(config, variant)
