@@ -27,7 +27,6 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -185,13 +184,3 @@ def restore(manager: ocp.CheckpointManager, like_states, like_key: jax.Array,
     key_impl = jax.random.key_impl(like_key)
     base_key = jax.random.wrap_key_data(restored.state["base_key"], impl=key_impl)
     return Restored(step, restored.state["states"], base_key, dict(restored.meta))
-
-
-def tree_fingerprint(tree) -> str:
-    """A short hash of every array of a tree, to show in logs that two states are identical."""
-    import hashlib
-
-    digest = hashlib.sha1()
-    for leaf in jax.tree.leaves(jax.device_get(tree)):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()[:12]

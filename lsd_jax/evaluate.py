@@ -309,7 +309,8 @@ def summarize(confusion, class_names: Sequence[str],
     }
 
 
-def _percent(x: float | None) -> str:
+def format_percent(x: float | None) -> str:
+    """A fraction as a percentage with two decimals, or n/a."""
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
@@ -321,16 +322,16 @@ def results_markdown(summary: Mapping[str, Any], title: str = "Evaluation") -> s
              "|---|---:|" + "---|" * len(subsets)]
     for name, value in summary["per_class_iou"].items():
         marks = ["x" if name in subset["classes"] else "" for subset in subsets.values()]
-        lines.append("| " + " | ".join([name, _percent(value)] + marks) + " |")
+        lines.append("| " + " | ".join([name, format_percent(value)] + marks) + " |")
     blank = [""] * len(subsets)
     lines.append("| " + " | ".join(
         [f"**mIoU ({summary['num_classes_in_miou']} classes)**",
-         f"**{_percent(summary['miou'])}**"] + blank) + " |")
+         f"**{format_percent(summary['miou'])}**"] + blank) + " |")
     for name, subset in subsets.items():
         lines.append("| " + " | ".join(
-            [f"**mIoU {name}**", f"**{_percent(subset['miou'])}**"] + blank) + " |")
+            [f"**mIoU {name}**", f"**{format_percent(subset['miou'])}**"] + blank) + " |")
     lines += ["", f"{summary['num_pixels']} labelled pixels, pixel accuracy "
-              f"{_percent(summary['pixel_accuracy'])} %.", ""]
+              f"{format_percent(summary['pixel_accuracy'])} %.", ""]
     return "\n".join(lines)
 
 

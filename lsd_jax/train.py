@@ -33,6 +33,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from lsd_jax import checkpoint, evaluate, parallel, steps, visualize
 from lsd_jax.data import classes
+from lsd_jax.evaluate import format_percent
 
 RESULTS_SUBDIR = "results"
 
@@ -352,10 +353,6 @@ def log_evaluation(writer, step: int, prefix: str, summary: dict, pictures: _Eva
             image, None, predicted, label, colors)})
 
 
-def _percent(x):
-    return "n/a" if x is None else f"{100 * x:.2f}"
-
-
 # ----------------------------------------------------------------------------- training
 
 @dataclasses.dataclass(frozen=True)
@@ -490,7 +487,7 @@ def _train_loop(config, workdir, programs: Programs, manager, writer, states, ke
             selection.append({"step": done, "miou": summary["miou"]})
             _write_selection(workdir, done, summary, selection)
             logging.info("step %d: selection mIoU %s %% on %s:%s", done,
-                         _percent(summary["miou"]), summary["dataset"], summary["split"])
+                         format_percent(summary["miou"]), summary["dataset"], summary["split"])
         writer.flush()
     return TrainResult(max(start, num_steps), states, selection, None)
 
@@ -506,7 +503,7 @@ def _write_selection(workdir: str, step: int, summary: dict, history: list[dict]
     if scored:
         best = max(scored, key=lambda h: h["miou"])
         logging.info("best selection mIoU so far: %s %% at step %d (this run)",
-                     _percent(best["miou"]), best["step"])
+                     format_percent(best["miou"]), best["step"])
 
 
 # ----------------------------------------------------------------------------- eval mode
@@ -514,6 +511,7 @@ def _write_selection(workdir: str, step: int, summary: dict, history: list[dict]
 def _report(config, workdir: str, programs: Programs, writer, step: int, f_variables) -> dict:
     """Evaluate on data.eval; write results/eval_step_<step>.{json,md} (process 0)."""
     pictures = _EvalPictures(config.eval.num_images)
+    colors = classes.class_colors(config.data.class_set)
     png_dir = os.path.join(workdir, RESULTS_SUBDIR, f"predictions_step_{step}")
     counter = [0]
 
@@ -525,20 +523,18 @@ def _report(config, workdir: str, programs: Programs, writer, step: int, f_varia
             counter[0] += len(predicted)
             if jax.process_index() == 0:
                 evaluate.write_prediction_pngs(png_dir, predicted[mask],
-                                               [n for n, m in zip(names, mask) if m],
-                                               classes.class_colors(config.data.class_set))
+                                               [n for n, m in zip(names, mask) if m], colors)
 
     summary = run_evaluation(config, programs, f_variables, "eval", on_predictions)
     summary = {"step": step, "method": config.method, **summary}
-    log_evaluation(writer, step, "eval", summary, pictures,
-                   classes.class_colors(config.data.class_set))
+    log_evaluation(writer, step, "eval", summary, pictures, colors)
     if jax.process_index() == 0:
         json_path, md_path = evaluate.write_results(
             os.path.join(workdir, RESULTS_SUBDIR), summary, f"eval_step_{step}",
             f"{summary['dataset']} ({summary['split']}), step {step}, {config.method}")
         logging.info("Results written to %s and %s", json_path, md_path)
-    extra = "".join(f", {name} {_percent(s['miou'])} %" for name, s in summary["subsets"].items())
-    logging.info("step %d: mIoU %s %% on %s:%s (%d classes)%s", step, _percent(summary["miou"]),
+    extra = "".join(f", {name} {format_percent(s['miou'])} %" for name, s in summary["subsets"].items())
+    logging.info("step %d: mIoU %s %% on %s:%s (%d classes)%s", step, format_percent(summary["miou"]),
                  summary["dataset"], summary["split"], summary["num_classes_in_miou"], extra)
     return summary
 
@@ -560,7 +556,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
     finally:
         manager.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: "
+        checkpoints = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
+        raise FileNotFoundError(f"no checkpoint in {checkpoints}: "
                                 "train first (--mode train), or point --workdir at a run")
     writer = make_writer(workdir)
     try:

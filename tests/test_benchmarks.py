@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import REPO_ROOT, subprocess_env
+
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
 import step_time  # noqa: E402
@@ -44,12 +45,11 @@ def test_hlo_ops_are_described_by_their_jax_op_or_root():
 
 def test_step_time_runs_and_profiles_a_tiny_iteration(tmp_path):
     out = tmp_path / "rows.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "step_time.py"), "--height", "32",
          "--width", "64", "--model-width", "0.0625", "--modes", "simultaneous", "--updates",
          "composed", "--iters", "1", "--warmup", "1", "--profile-top", "5", "--json", str(out)],
-        check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
+        check=True, env=subprocess_env(), cwd=tmp_path, capture_output=True, timeout=600)
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["mode"] == "simultaneous" and row["num_devices"] == 1
     assert row["median_s_per_iter"] > 0 and row["flops_per_iter"] > 1e6

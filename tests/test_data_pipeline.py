@@ -8,6 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lsd_jax.data import classes, pipeline
+from lsd_jax.data import config as data_config
 from lsd_jax.models import VGG_MEAN_BGR
 
 tfds.disable_progress_bar()
@@ -17,7 +18,7 @@ TINY = {"height": 64, "width": 128, "num_train": 12, "num_validation": 7}
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    c = pipeline.default_data_config()
+    c = data_config.default_data_config()
     c.data_dir = str(tmp_path_factory.mktemp("tfds"))
     for domain in (c.source, c.target, c.eval):
         domain.config_overrides = dict(TINY)
@@ -68,7 +69,7 @@ def test_crop_and_flip_keep_image_and_label_aligned():
     yy, xx = np.mgrid[0:40, 0:90]
     label = ((3 * xx + 7 * yy) % 19).astype(np.uint8)  # not symmetric under flips or shifts
     rgb = np.stack([label * 10, xx, yy], -1).astype(np.uint8)
-    domain = pipeline._domain_config("x", "train", flip=True)
+    domain = data_config.domain_config("x", "train", flip=True)
     domain.crop = (16, 32)
     fn = pipeline.train_example_fn(domain, np.arange(256, dtype=np.uint8))
     image_png, label_png = tf.io.encode_png(rgb), tf.io.encode_png(label[..., None])

@@ -2,7 +2,6 @@
 import json
 import os
 import shlex
-import socket
 import stat
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import textwrap
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import REPO_ROOT, free_port, subprocess_env
+
 TPU_SCRIPT = os.path.join(REPO_ROOT, "launch", "tpu_pod.sh")
 SLURM_SCRIPT = os.path.join(REPO_ROOT, "launch", "gpu_slurm.sbatch")
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -200,20 +200,10 @@ def test_slurm_script_outside_a_job_says_so():
 
 # --- jax.distributed --------------------------------------------------------------------------
 
-def clean_python_env():
-    """This environment minus anything that could make JAX think it runs in a cluster."""
-    cluster_prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "KUBERNETES_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_prefixes)}
-    # One CPU device per process: the test suite's 8 simulated devices must not leak in.
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return env
-
-
 def test_single_process_without_configuration_is_a_no_op():
     code = ("import jax; from lsd_jax.distributed import initialize_distributed; "
             "print(initialize_distributed(), jax.process_count())")
-    result = subprocess.run([sys.executable, "-c", code], env=clean_python_env(), cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "1"]
@@ -261,18 +251,12 @@ print("RESULT " + json.dumps({
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_start_jax_distributed_and_agree(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     address = f"127.0.0.1:{free_port()}"
     processes = [subprocess.Popen([sys.executable, str(worker), address, str(i)],
-                                  env=clean_python_env(), cwd=REPO_ROOT, text=True,
+                                  env=subprocess_env(), cwd=REPO_ROOT, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for i in range(2)]
     outputs = []

@@ -15,7 +15,6 @@ backend optimisation is turned down (the programs are the same, they compile twi
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import REPO_ROOT, free_port, subprocess_env
+
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 GLOBAL_BATCH, STEPS = 8, 2
 
@@ -141,14 +141,6 @@ with open(f"{out}.{process_id}.json", "w") as f:
 """
 
 
-def python_env(devices):
-    cluster_prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "KUBERNETES_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_prefixes)}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
-    return env
-
-
 def run_processes(argvs, env, timeout):
     """Runs the processes side by side; kills all of them on the first failure or timeout."""
     processes = [subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO_ROOT, text=True,
@@ -165,12 +157,6 @@ def run_processes(argvs, env, timeout):
                 process.wait()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     """One process with 8 CPU devices, the same training on meshes of 8, 4 and 1 devices."""
@@ -178,7 +164,7 @@ def single_process(tmp_path_factory):
     worker = tmp / "worker.py"
     worker.write_text(SINGLE_PROCESS)
     out = str(tmp / "result")
-    run_processes([[str(worker), out]], python_env(8), timeout=300)
+    run_processes([[str(worker), out]], subprocess_env(8, FAST_COMPILE), timeout=300)
     with open(out + ".json") as f:
         results = json.load(f)
     arrays = dict(np.load(out + ".npz"))
@@ -198,7 +184,7 @@ def two_processes(tmp_path_factory):
     workdir, out = str(tmp / "workdir"), str(tmp / "result")
     address = f"127.0.0.1:{free_port()}"
     run_processes([[str(worker), address, str(i), workdir, out] for i in range(2)],
-                  python_env(2), timeout=300)
+                  subprocess_env(2, FAST_COMPILE), timeout=300)
     results, params = [], []
     for i in range(2):
         with open(f"{out}.{i}.json") as f:
@@ -251,7 +237,7 @@ def test_eight_devices_train_like_one_device(single_process):
 
 
 def test_states_stay_replicated_and_are_donated_without_warnings(single_process):
-    results, _ = single_process
+    results, params = single_process
     for n in ("8", "4", "1"):
         assert results[n]["replicated"], f"{n} devices: a state is not fully replicated"
         assert results[n]["donated"], f"{n} devices: the input states were not donated"
@@ -259,6 +245,9 @@ def test_states_stay_replicated_and_are_donated_without_warnings(single_process)
     # The training really changed the parameters (so the comparisons above mean something).
     results_losses = [step["f/loss"] for step in results["1"]["losses"]]
     assert np.isfinite(results_losses).all()
+    for net in ("f", "g", "d"):
+        names = [k for k in params[1] if k.startswith(net + "/")]
+        assert any(not np.array_equal(params[1][k], params["1@1"][k]) for k in names), net
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(single_process):

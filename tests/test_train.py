@@ -74,15 +74,16 @@ def test_bad_config_values_name_the_field(field, value, message):
         train.check_config(config)
 
 
-@pytest.mark.parametrize("name", ["default", "synthetic", "gta", "synthia"])
-@pytest.mark.parametrize("variant", ["lsd", "source_only", "target_only"])
+@pytest.mark.parametrize("name, variant", [("default", "")] + [
+    (name, variant) for name in ("synthetic", "gta", "synthia")
+    for variant in ("lsd", "source_only", "target_only")])
 def test_every_config_and_variant_is_valid(name, variant):
-    config = load_config_file(name, variant if name != "default" else "")
+    config = load_config_file(name, variant)
     train.check_config(config)
     train.check_selection_is_not_eval(config.data)
-    if name != "default":
+    if variant:
         assert config.method == ("lsd" if variant == "lsd" else "source_only")
-    if variant == "target_only" and name != "default":
+    if variant == "target_only":
         assert config.data.source.name == config.data.target.name
     with pytest.raises(AttributeError, match="Did you mean"):
         config.optim.f_llr = 1.0  # locked: a misspelled field is an error

@@ -1,4 +1,5 @@
-"""A tiny training setup shared by the training, checkpoint and main tests.
+"""A tiny training setup shared by the training, checkpoint and main tests, and the
+environment of the tests' JAX subprocesses.
 
 The compiled programs are built once per test process (`tiny_programs`), because XLA's compile
 of the composed LSD step dominates these tests' time.
@@ -6,6 +7,7 @@ of the composed LSD step dominates these tests' time.
 import functools
 import importlib.util
 import os
+import socket
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,3 +51,19 @@ def tiny_programs(variant: str = "lsd"):
     2 is split over them, as data parallelism on a real machine."""
     from lsd_jax import parallel, train
     return train.build_programs(tiny_config("unused", variant), parallel.make_mesh(2))
+
+
+def subprocess_env(devices: int = 1, xla_flags: str = "") -> dict:
+    """This environment for a JAX subprocess on `devices` simulated CPU devices, minus anything
+    that could make JAX think it runs in a cluster (and without the suite's own XLA_FLAGS)."""
+    cluster_prefixes = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "KUBERNETES_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster_prefixes)}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip())
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -68,12 +68,12 @@ def main(argv):
     import tensorflow_datasets as tfds
 
     import lsd_jax.data.datasets  # noqa: F401
-    from lsd_jax.data import pipeline
+    from lsd_jax.data import config as data_config
 
     tfds.disable_progress_bar()
     manual = f"{FLAGS.workdir}/gta5_fake"
     write_fake_gta5(manual, FLAGS.num_files)
-    config = pipeline.default_data_config()
+    config = data_config.default_data_config()
     config.data_dir = f"{FLAGS.workdir}/tfds"
     config.batch_size = 1
     config.shuffle_buffer = 8
@@ -82,7 +82,7 @@ def main(argv):
                 ("gta5/1280x720_jpeg", None)]
     print(f"threads={FLAGS.threads} cpu_count={os.cpu_count()}")
     for name, resize in settings:
-        domain = pipeline._domain_config(name, "train", flip=True)
+        domain = data_config.domain_config(name, "train", flip=True)
         domain.resize, domain.crop, domain.manual_dir = resize, (512, 1024), manual
         rate = time_stream(config, domain, FLAGS.threads, FLAGS.num_images)
         print(f"{name:22s} resize={resize} crop=(512, 1024): {rate:6.1f} images/s "

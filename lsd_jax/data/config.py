@@ -2,7 +2,7 @@
 
 Experiment configs import this on every machine, including accelerator hosts that run the
 benchmarks without TensorFlow installed; the pipeline (`lsd_jax.data.pipeline`) that reads
-these settings re-exports `default_data_config` for older imports.
+these settings imports it from here.
 
 Fields that may be None are typed placeholders, so that they can still be set from the command
 line (`--config.data.data_dir=/data/tfds`, `--config.data.source.crop='(512, 1024)'`).
@@ -31,8 +31,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     # host->device traffic and the cheapest host pipeline (the float views cost the host more
     # than decoding, see docs/benchmarks.md). The batches handed to the steps are the same.
     c.views_on_device = True
-    c.source = _domain_config(name="synthetic_scenes/source", split="train", flip=True)
-    c.target = _domain_config(name="synthetic_scenes/target", split="train", flip=False)
+    c.source = domain_config(name="synthetic_scenes/source", split="train", flip=True)
+    c.target = domain_config(name="synthetic_scenes/target", split="train", flip=False)
     # The labelled set results are reported on: the target's validation set (SPEC 6).
     c.eval = _eval_config(name="synthetic_scenes/target", split="validation")
     # The labelled set the periodic evaluation during training runs on, for model selection.
@@ -54,7 +54,7 @@ def _eval_config(name: str, split: str) -> ml_collections.ConfigDict:
     return e
 
 
-def _domain_config(name: str, split: str, flip: bool) -> ml_collections.ConfigDict:
+def domain_config(name: str, split: str, flip: bool) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.name = name             # TFDS name[/config], e.g. "gta5/1280x720", "cityscapes_extracted"
     d.split = split           # TFDS split (slicing allowed, e.g. "train[:-500]")

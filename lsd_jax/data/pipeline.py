@@ -26,16 +26,12 @@ import math
 from typing import Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lsd_jax.data import classes
-# The data config lives in a TensorFlow-free module (configs import it on machines without
-# TensorFlow); re-exported here where it used to be defined.
-from lsd_jax.data.config import _domain_config, default_data_config  # noqa: F401
 from lsd_jax.models import VGG_MEAN_BGR, check_training_size
 
 # TFDS's own Cityscapes builder stores labelIds under other feature names.

@@ -128,7 +128,6 @@ def conv_transpose_col2im(x: jax.Array, kernel: jax.Array) -> jax.Array:
     does no multiplications by padding zeros and avoids XLA's slow CPU convolution path.
     """
     k = kernel.shape[0]
-    n, h, w, _ = x.shape
     pieces = jnp.einsum("nhwc,abco->abnhwo", x, kernel)
     zero = jnp.zeros((), pieces.dtype)
     y = None
@@ -174,7 +173,8 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     The padding is an explicit `jnp.pad` and the convolution VALID: XLA's CPU backend takes a
     slow generic path for the kernel gradient of an input-dilated convolution, or of a
     convolution whose padding is not "same"-like (10-40x slower, measured; see
-    docs/benchmarks.md), and never for this form. Same result as `conv_transpose_dilated`.
+    docs/benchmarks.md), and never for this form. Stride 1 has a single phase and is computed
+    by `conv_transpose_col2im` instead. Same result as `conv_transpose_dilated`.
     """
     k, s = kernel.shape[0], stride
     cin, cout = kernel.shape[2:]
@@ -191,10 +191,9 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     w = w.reshape(t, s, t, s, cin, cout).transpose(0, 2, 4, 1, 3, 5)
     w = jnp.flip(w, axis=(0, 1)).reshape(t, t, cin, s * s * cout)
     y = _conv_valid(pad_spatial(x, t - 1), w)
-    if s > 1:
-        n, qh, qw, _ = y.shape
-        y = y.reshape(n, qh, qw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
-        y = y.reshape(n, qh * s, qw * s, cout)
+    n, qh, qw, _ = y.shape
+    y = y.reshape(n, qh, qw, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(n, qh * s, qw * s, cout)
     return y[:, padding:full_h - padding, padding:full_w - padding]
 
 
