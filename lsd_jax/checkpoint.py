@@ -13,9 +13,16 @@ into a temporary directory and renames it when complete, so a run killed at any 
 the middle of a save, leaves the previous checkpoints restorable: a half-written one is never
 reported as the latest, and is removed when the next manager opens the directory.
 
+A failed save (disk full, lost permissions) surfaces in orbax's background thread; `Saver`
+collects each save's outcome as soon as its write has ended, so the run stops at the next step
+boundary naming the step that failed and the last good checkpoint, instead of orbax raising it
+at some later save.
+
 The run's config is kept next to the checkpoints (`<workdir>/config.json`); a run started on a
-workdir written with a different network or label space is refused with the differing fields
-(`check_compatible`), instead of failing inside orbax with an array-shape message.
+workdir whose checkpoints were written with a different network or label space is refused with
+the differing fields (`check_compatible`), instead of failing inside orbax with an array-shape
+message. A workdir without a checkpoint (e.g. a start refused or stopped before its first save)
+is fresh: its config.json is simply replaced.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lsd_jax.errors import UserError, WorkdirError
+
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
@@ -38,8 +47,16 @@ CONFIG_FILE = "config.json"
 STRUCTURAL_FIELDS = ("method", "num_classes", "model.width", "data.class_set")
 
 
-class IncompatibleWorkdirError(ValueError):
-    """The workdir holds a run whose config differs in a structural field."""
+class IncompatibleWorkdirError(UserError, ValueError):
+    """The workdir holds checkpoints of a run whose config differs in a structural field."""
+
+
+class CheckpointMissingError(UserError, FileNotFoundError):
+    """No checkpoint (or none of the step asked for) to restore."""
+
+
+class SaveFailedError(UserError):
+    """A checkpoint could not be written; the message names the step and the last good one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +128,59 @@ def config_differences(saved: Mapping, config: ml_collections.ConfigDict,
 
 def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Raises IncompatibleWorkdirError naming every structural field that differs from the
-    config the workdir was written with; logs the other differences."""
+    config the workdir's checkpoints were written with; logs the other differences. Without a
+    checkpoint there is nothing to be incompatible with: the workdir counts as fresh."""
     saved = read_config(workdir)
-    if saved is None:
+    if saved is None or not saved_steps(workdir):
         return
     structural = config_differences(saved, config, STRUCTURAL_FIELDS)
     if structural:
-        lines = "\n".join(f"  {k}: workdir has {a!r}, this config has {b!r}"
-                          for k, (a, b) in structural.items())
+        fields = "; ".join(f"{k}: workdir has {a!r}, this config has {b!r}"
+                           for k, (a, b) in structural.items())
         raise IncompatibleWorkdirError(
-            f"workdir {workdir} holds a run with an incompatible config ({config_path(workdir)}):"
-            f"\n{lines}\nUse another --workdir, or set these fields back "
-            f"(e.g. --config.{next(iter(structural))}=...).")
+            f"workdir {workdir} holds checkpoints of a run with an incompatible config "
+            f"({config_path(workdir)}): {fields}. Use another --workdir, or set these fields "
+            f"back (e.g. --config.{next(iter(structural))}=...).")
     others = config_differences(saved, config)
     if others:
         logging.info("Config differs from the one %s was started with (allowed): %s", workdir,
                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in others.items()))
+
+
+# ----------------------------------------------------------------------------- workdir
+
+def check_workdir(workdir: str) -> None:
+    """Raises WorkdirError unless the workdir is, or can be created as, a writable directory.
+
+    Checked without writing anything, so that a start refused for this or any later reason
+    leaves the workdir as it was. (Object stores, `gs://...`, only tell by writing.)
+    """
+    if "://" in workdir:
+        return
+    target = os.path.abspath(workdir)
+    existing = target
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError(f"--workdir {workdir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "it" if existing == target else f"its parent {existing}"
+        raise WorkdirError(f"--workdir {workdir}: {what} is not writable (a read-only file "
+                           "system, or no permission); choose another --workdir")
+
+
+def checkpoint_directory(workdir: str) -> str:
+    return (os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR)) if "://" not in workdir
+            else f"{workdir.rstrip('/')}/{CHECKPOINT_SUBDIR}")
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of the workdir's complete checkpoints, creating nothing."""
+    manager = make_manager(workdir, None, asynchronous=False, read_only=True)
+    try:
+        return available_steps(manager)
+    finally:
+        manager.close()
 
 
 # ----------------------------------------------------------------------------- manager
@@ -134,16 +188,21 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
 def make_manager(workdir: str, max_to_keep: int | None = 3, asynchronous: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """The run's CheckpointManager. Leftover temporary directories of an interrupted save are
-    removed when it opens (they are never taken for checkpoints either way)."""
+    removed when it opens (they are never taken for checkpoints either way).
+
+    read_only: for restoring; creates, cleans up and saves nothing. (Orbax's own read_only
+    option is not used: it only adds warnings to the console, and nothing here saves with
+    such a manager.)
+    """
     if max_to_keep is not None and max_to_keep < 1:
         raise ValueError(f"checkpoint.max_to_keep={max_to_keep}: expected a positive number, or "
                          "None to keep every checkpoint")
-    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR)) \
-        if "://" not in workdir else f"{workdir.rstrip('/')}/{CHECKPOINT_SUBDIR}"
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=asynchronous, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
+        max_to_keep=None if read_only else max_to_keep, create=not read_only,
+        enable_async_checkpointing=asynchronous and not read_only,
+        cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(checkpoint_directory(workdir), item_names=("state", "meta"),
+                                 options=options)
 
 
 def _state_tree(states, base_key: jax.Array) -> dict:
@@ -176,11 +235,83 @@ def restore(manager: ocp.CheckpointManager, like_states, like_key: jax.Array,
             return None
         step = steps[-1]
     elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint of step {step} in {manager.directory}; the "
-                                f"checkpoints there are of steps {steps or 'none'}")
+        raise CheckpointMissingError(f"no checkpoint of step {step} in {manager.directory}; "
+                                     f"the checkpoints there are of steps {steps or 'none'}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(like_states, like_key))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     key_impl = jax.random.key_impl(like_key)
     base_key = jax.random.wrap_key_data(restored.state["base_key"], impl=key_impl)
     return Restored(step, restored.state["states"], base_key, dict(restored.meta))
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _error_text(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class Saver:
+    """The run's saves through `manager`, each one's outcome collected as soon as it is known.
+
+    An asynchronous save returns once the arrays are copied off the devices; if the background
+    write then fails (disk full, lost permission), orbax only raises it at the next save,
+    maybe thousands of steps later. `poll()`, called at every step boundary, costs nothing
+    while the write goes on and collects the outcome once it has ended, so that a failed save
+    stops the run at once with SaveFailedError: the step that failed, the error, and the last
+    good checkpoint (which stays restorable: orbax never renames a half-written one into place).
+    """
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager = manager
+        self.in_flight: int | None = None  # the step being written in the background
+        steps = available_steps(manager)
+        self.last_good: int | None = steps[-1] if steps else None
+
+    def save(self, step: int, states, base_key: jax.Array) -> None:
+        """Starts saving `step` (every process calls this); a step already saved is skipped."""
+        self.finish()  # orbax would wait for the previous save anyway; its outcome comes first
+        try:
+            started = save(self.manager, step, states, base_key)
+        except Exception as error:  # a synchronous save, or the start of an asynchronous one
+            raise self._failure(step, error) from error
+        if started:
+            self.in_flight = step
+            self.poll()  # a synchronous save has ended already
+
+    def poll(self) -> None:
+        """Raises SaveFailedError if the save in flight has ended and failed."""
+        if self.in_flight is not None and not self.manager.is_saving_in_progress():
+            self.finish()
+
+    def finish(self) -> None:
+        """Waits for the save in flight; raises SaveFailedError if it failed."""
+        if self.in_flight is None:
+            return
+        step, self.in_flight = self.in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._failure(step, error) from error
+        self.last_good = step
+
+    def close(self) -> None:
+        """Finishes the save in flight (raising if it failed) and closes the manager."""
+        try:
+            self.finish()
+        finally:
+            self.manager.close()
+
+    def latest(self) -> int | None:
+        """The newest checkpoint once the save in flight (of a state already checked) ends."""
+        return self.in_flight if self.in_flight is not None else self.last_good
+
+    def describe(self, step: int | None) -> str:
+        return (f"step {step} in {self.manager.directory}" if step is not None
+                else "none: no checkpoint was saved before")
+
+    def _failure(self, step: int, error: BaseException) -> SaveFailedError:
+        return SaveFailedError(
+            f"saving the checkpoint of step {step} failed: {_error_text(error)}. The last good "
+            f"checkpoint is {self.describe(self.last_good)}; free space or fix the permissions "
+            "there, then run the same command again to resume from it.")

@@ -14,6 +14,15 @@ Model selection never looks at the target evaluation set (SPEC 6): the periodic 
 during training runs on `data.selection` (source validation, or a held-out labelled slice of
 target train), and `data.eval` is only used for reporting (`--mode eval`, and once at the end of
 `--mode train_and_eval`).
+
+Everything that can be checked before training is checked before anything is written to the
+workdir (config values named by field, training sizes, batch sizes against the devices, the
+workdir, the datasets); the errors a user can act on are `lsd_jax.errors.UserError`s.
+
+Stopping: a NaN/inf loss or a failed checkpoint save stops the run with the last good
+checkpoint named; SIGTERM (preemption) saves a checkpoint at the next step boundary and returns
+(`TrainResult.stopped_by`); Ctrl-C stops at once, after the save in flight is complete
+(`lsd_jax.errors.Interrupted`). See `lsd_jax.distributed.StopSignals`.
 """
 from __future__ import annotations
 
@@ -31,9 +40,11 @@ import ml_collections
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from lsd_jax import checkpoint, evaluate, parallel, steps, visualize
+from lsd_jax import checkpoint, distributed, evaluate, parallel, steps, visualize
 from lsd_jax.data import classes
+from lsd_jax.errors import ConfigError, Interrupted, UserError
 from lsd_jax.evaluate import format_percent
+from lsd_jax.models import check_training_size
 
 RESULTS_SUBDIR = "results"
 
@@ -42,22 +53,28 @@ CONSOLE_TERMS = {"lsd": ("f/seg", "f/adv", "g/l1", "g/adv", "d/loss"),
                  "source_only": ("f/seg",)}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss term became NaN or inf; the run stops, keeping the last good checkpoint."""
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(UserError, FileNotFoundError):
     """A dataset the config names is not prepared."""
 
 
 # ----------------------------------------------------------------------------- config checks
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Values the networks' builder does not check, with errors naming the field."""
+    """Everything about the config alone that could stop a run later (after minutes of data
+    generation or compiling), as a ConfigError naming the field."""
     def positive(field, value, allow_zero=False):
         if not isinstance(value, int) or value < (0 if allow_zero else 1):
-            raise ValueError(f"config.{field}={value!r}: expected a "
-                             f"{'non-negative' if allow_zero else 'positive'} integer")
+            raise ConfigError(f"config.{field}={value!r}: expected a "
+                              f"{'non-negative' if allow_zero else 'positive'} integer")
+
+    try:  # the networks' builder checks method, update_mode, model.dtype, loss.reduction...
+        steps.build_networks(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
     positive("train.num_steps", config.train.num_steps)
     positive("train.log_every", config.train.log_every)
@@ -66,18 +83,77 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         positive(f"train.{field}", config.train[field], allow_zero=True)
     expected_classes = len(classes.class_set(config.data.class_set))
     if config.num_classes != expected_classes:
-        raise ValueError(f"config.num_classes={config.num_classes} but config.data.class_set="
-                         f"{config.data.class_set!r} has {expected_classes} classes; set both "
-                         "to match")
+        raise ConfigError(f"config.num_classes={config.num_classes} but config.data.class_set="
+                          f"{config.data.class_set!r} has {expected_classes} classes; set both "
+                          "to match")
     if config.eval.confusion_method not in evaluate.CONFUSION_METHODS:
-        raise ValueError(f"config.eval.confusion_method={config.eval.confusion_method!r}: "
-                         f"expected one of {evaluate.CONFUSION_METHODS}")
+        raise ConfigError(f"config.eval.confusion_method={config.eval.confusion_method!r}: "
+                          f"expected one of {evaluate.CONFUSION_METHODS}")
+    for name in ("torch_g", "torch_d"):
+        if config.init[name] and not uses_gd(config):
+            raise ConfigError(f"config.init.{name} is set but config.method={config.method!r} "
+                              f"has no {name[-1].upper()}")
+
+
+def check_training_sizes(data) -> None:
+    """The training images' size (crop, else resize) of both domains: one size, that G can
+    work with (multiples of 32). The input pipeline checks this too, but only once the first
+    batch is read, after compiling."""
+    sizes = {}
+    for domain in ("source", "target"):
+        d = data[domain]
+        field = "crop" if d.crop is not None else "resize"
+        size = d[field]
+        if size is None:
+            raise ConfigError(f"config.data.{domain}: set crop or resize to (height, width); "
+                              "training images of varying size cannot be batched")
+        size = tuple(size)
+        if len(size) != 2 or not all(isinstance(v, int) for v in size):
+            raise ConfigError(f"config.data.{domain}.{field}={size!r}: expected (height, width) "
+                              "in pixels")
+        if d.crop is not None and d.resize is not None and (
+                size[0] > d.resize[0] or size[1] > d.resize[1]):
+            raise ConfigError(f"config.data.{domain}.crop={size} is larger than "
+                              f"config.data.{domain}.resize={tuple(d.resize)}")
+        try:
+            check_training_size(*size)
+        except ValueError as error:
+            raise ConfigError(f"config.data.{domain}.{field}={size}: {error}") from None
+        sizes[domain] = (field, size)
+    (source_field, source), (target_field, target) = sizes["source"], sizes["target"]
+    if source != target:
+        raise ConfigError(f"config.data.source.{source_field}={source} but config.data.target."
+                          f"{target_field}={target}: both domains' training images must have "
+                          "one size")
+
+
+def check_weight_files(config) -> None:
+    """The files of pretrained weights config.init names exist (read when a run starts fresh)."""
+    for name in ("vgg16_weights", "torch_f", "torch_g", "torch_d"):
+        path = config.init[name]
+        if path and "://" not in path and not os.path.exists(path):
+            raise ConfigError(f"config.init.{name}={path!r}: no such file")
+
+
+def check_batch_sizes(config, mesh: jax.sharding.Mesh, eval_fields: tuple[str, ...]) -> None:
+    """Every batch is split over the devices of the mesh's data axis: the training batch and
+    the batches of the sets evaluated (`config.data.<field>`) must divide over them."""
+    devices = mesh.shape[parallel.DATA_AXIS]
+    where = "jax.device_count()" if devices == jax.device_count() else "the mesh's data axis"
+    sizes = {"data.batch_size": config.data.batch_size}
+    sizes.update({f"data.{field}.batch_size": config.data[field].batch_size
+                  for field in eval_fields})
+    for field, size in sizes.items():
+        if not isinstance(size, int) or size < 1 or size % devices:
+            raise ConfigError(f"config.{field}={size!r}: each batch is split over {devices} "
+                              f"devices ({where}), so it must be a positive multiple of "
+                              f"{devices}")
 
 
 def check_selection_is_not_eval(data) -> None:
     """Model selection on the target evaluation set is what SPEC 6 rules out."""
     if (data.selection.name, data.selection.split) == (data.eval.name, data.eval.split):
-        raise ValueError(
+        raise ConfigError(
             f"config.data.selection is the evaluation set ({data.eval.name}, split "
             f"{data.eval.split!r}): model selection must never use the target evaluation set. "
             "Select on source validation or a held-out labelled slice of target train.")
@@ -102,8 +178,16 @@ def check_datasets(data, which: tuple[str, ...]) -> None:
                                   domain.config_overrides.to_dict())
         except FileNotFoundError as error:
             raise DatasetMissingError(
-                f"config.data.{field}: {error}\nWith the TFDS command line (see docs/data.md):\n"
-                f"  {tfds_build_command(domain.name, data.data_dir)}") from None
+                f"config.data.{field}: {error} With the TFDS command line: "
+                f"`{tfds_build_command(domain.name, data.data_dir)}`.") from None
+        except ValueError as error:  # e.g. config_overrides naming no builder-config field
+            raise ConfigError(f"config.data.{field}: {error}") from None
+
+
+def evaluated_sets(config, evaluate_at_end: bool) -> tuple[str, ...]:
+    """The `config.data` fields of the labelled sets a training run evaluates."""
+    return ((("selection",) if config.train.eval_every else ())
+            + (("eval",) if evaluate_at_end else ()))
 
 
 # ----------------------------------------------------------------------------- programs
@@ -192,8 +276,8 @@ def _import_weights(config, states: steps.TrainStates) -> steps.TrainStates:
         if not path:
             continue
         if not uses_gd(config):
-            raise ValueError(f"config.init.torch_{name} is set but config.method="
-                             f"{config.method!r} has no {name.upper()}")
+            raise ConfigError(f"config.init.torch_{name} is set but config.method="
+                              f"{config.method!r} has no {name.upper()}")
         state = getattr(states, name)
         params = importer(path, {"params": state.params})["params"]
         states = states.replace(**{name: state.replace(params=params)})
@@ -361,6 +445,7 @@ class TrainResult:
     states: Any
     selection: list  # [{"step", "miou"}] of the periodic evaluations of this run
     eval_summary: dict | None
+    stopped_by: str | None = None  # "SIGTERM": saved at `step` and stopped before the end
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -373,21 +458,30 @@ def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None
 
     evaluate_at_end: also evaluate the final state on `data.eval` and write the results (what
     `--mode train_and_eval` does).
+
+    SIGTERM: returns after saving the checkpoint of the step it stopped at (no final
+    evaluation); Ctrl-C: raises Interrupted once the save in flight is complete.
     """
+    eval_fields = evaluated_sets(config, evaluate_at_end)
     check_config(config)
+    check_training_sizes(config.data)
     check_selection_is_not_eval(config.data)
+    checkpoint.check_workdir(workdir)
     checkpoint.check_compatible(workdir, config)
-    fields = ("source", "target") + (("selection",) if config.train.eval_every else ()) + \
-        (("eval",) if evaluate_at_end else ())
-    check_datasets(config.data, fields)
-    programs = programs or build_programs(config)
+    if not checkpoint.saved_steps(workdir):  # a fresh start reads config.init's weights
+        check_weight_files(config)
+    programs = programs or build_programs(config)  # compiles nothing yet
     _check_programs(programs, config)
+    check_batch_sizes(config, programs.mesh, eval_fields)
+    check_datasets(config.data, ("source", "target") + eval_fields)
+    # Only now, with everything checked that can be, is anything written to the workdir.
     checkpoint.write_config(workdir, config)
 
     manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep,
                                       config.checkpoint.asynchronous)
+    saver = checkpoint.Saver(manager)
     key, start = base_key(config), 0
-    if checkpoint.available_steps(manager):  # resume: nothing to initialise
+    if saver.last_good is not None:  # resume: nothing to initialise
         restored = checkpoint.restore(manager, abstract_states(config, programs), key)
         states, key, start = restored.states, restored.base_key, restored.step
         logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
@@ -398,19 +492,48 @@ def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None
     if start == 0:
         writer.write_hparams({k: (str(v) if isinstance(v, (list, dict)) or v is None else v)
                               for k, v in checkpoint.flatten_config(config).items()})
+    stop = distributed.StopSignals(manager.reached_preemption)
+    with stop:
+        try:
+            result = _train_loop(config, workdir, programs, saver, stop, writer, states, key,
+                                 start, num_steps)
+            if evaluate_at_end and result.stopped_by is None:
+                result = dataclasses.replace(result, eval_summary=_report(
+                    config, workdir, programs, writer, result.step,
+                    result.states.f.variables()))
+        except KeyboardInterrupt:
+            result = None
+        except BaseException:
+            _close_after_error(saver, writer, stop)
+            raise
+        interrupted = _close(saver, writer, stop) or result is None
+    if interrupted:
+        raise Interrupted(f"interrupted (Ctrl-C); the last good checkpoint is "
+                          f"{saver.describe(saver.last_good)}")
+    return result
+
+
+def _close(saver: checkpoint.Saver, writer, stop: distributed.StopSignals) -> bool:
+    """Completes the save in flight (SaveFailedError if it fails) and closes the checkpoint
+    manager and the writer, which Ctrl-C does not cut short; returns whether Ctrl-C came."""
     try:
-        result = _train_loop(config, workdir, programs, manager, writer, states, key, start,
-                             num_steps)
-        eval_summary = None
-        if evaluate_at_end:
-            eval_summary = _report(config, workdir, programs, writer, result.step,
-                                   result.states.f.variables())
-        return dataclasses.replace(result, eval_summary=eval_summary)
-    finally:
-        manager.wait_until_finished()  # a pending save completes, even when stopping on error
-        manager.close()
-        writer.flush()
-        writer.close()
+        with stop.deferred():
+            try:
+                saver.close()
+            finally:
+                writer.flush()
+                writer.close()
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _close_after_error(saver: checkpoint.Saver, writer, stop: distributed.StopSignals) -> None:
+    """`_close` while another error stops the run: that error stays the one reported."""
+    try:
+        _close(saver, writer, stop)
+    except checkpoint.SaveFailedError as error:
+        logging.error("%s", error)
 
 
 def _train_batches(config, programs: Programs, start: int) -> Iterator[dict]:
@@ -423,7 +546,8 @@ def _train_batches(config, programs: Programs, start: int) -> Iterator[dict]:
     return ({k: v for k, v in b.items() if k.startswith("source_")} for b in batches)
 
 
-def _train_loop(config, workdir, programs: Programs, manager, writer, states, key, start: int,
+def _train_loop(config, workdir, programs: Programs, saver: checkpoint.Saver,
+                stop: distributed.StopSignals, writer, states, key, start: int,
                 num_steps: int) -> TrainResult:
     updates, method = programs.updates, config.method
     colors = classes.class_colors(config.data.class_set)
@@ -446,11 +570,15 @@ def _train_loop(config, workdir, programs: Programs, manager, writer, states, ke
         done = step + 1
         unchecked.append((done, metrics))
         progress(done)
+        saver.poll()  # a background save that failed stops the run now, not at the next save
+        preempted = stop.preempted(done)
 
         log_due = _due(done, config.train.log_every, num_steps)
-        save_due = _due(done, config.checkpoint.every, num_steps)
-        eval_due = config.train.eval_every > 0 and _due(done, config.train.eval_every, num_steps)
-        image_due = config.train.image_every > 0 and done % config.train.image_every == 0
+        save_due = preempted or _due(done, config.checkpoint.every, num_steps)
+        eval_due = (not preempted and config.train.eval_every > 0
+                    and _due(done, config.train.eval_every, num_steps))
+        image_due = (not preempted and config.train.image_every > 0
+                     and done % config.train.image_every == 0)
         if not (log_due or save_due or eval_due or image_due):
             continue
         # Everything below may make the run's state permanent or public: check it first.
@@ -459,13 +587,11 @@ def _train_loop(config, workdir, programs: Programs, manager, writer, states, ke
         bad = first_nonfinite(host)
         if bad is not None:
             bad_step, term, value = bad
-            last = max(checkpoint.available_steps(manager), default=None)
             raise NonFiniteLossError(
                 f"loss term {term!r} is {value} at step {bad_step} (the update that produced "
                 f"step {bad_step}'s state); stopping. The last good checkpoint is "
-                + (f"step {last} in {manager.directory}." if last is not None else
-                   "none: no checkpoint was saved before.")
-                + " Lower the learning rates, or check the data and the initial weights.")
+                f"{saver.describe(saver.latest())}. Lower the learning rates, or check the data "
+                "and the initial weights.")
         unlogged += host
         if log_due:
             now = time.perf_counter()
@@ -477,7 +603,8 @@ def _train_loop(config, workdir, programs: Programs, manager, writer, states, ke
         if image_due:
             write_train_pictures(writer, done, config, programs, states, batch)
         if save_due:
-            checkpoint.save(manager, done, states, key)
+            with stop.deferred():
+                saver.save(done, states, key)
         if eval_due:
             with progress.timed("eval"):
                 pictures = _EvalPictures(config.eval.num_images)
@@ -489,6 +616,13 @@ def _train_loop(config, workdir, programs: Programs, manager, writer, states, ke
             logging.info("step %d: selection mIoU %s %% on %s:%s", done,
                          format_percent(summary["miou"]), summary["dataset"], summary["split"])
         writer.flush()
+        if preempted:
+            with stop.deferred():
+                saver.finish()
+            logging.info("Stopped by SIGTERM after step %d of %d. The checkpoint is %s; run the "
+                         "same command again to resume from it.", done, num_steps,
+                         saver.describe(saver.last_good))
+            return TrainResult(done, states, selection, None, stopped_by="SIGTERM")
     return TrainResult(max(start, num_steps), states, selection, None)
 
 
@@ -543,22 +677,21 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
                         programs: Programs | None = None) -> dict:
     """Restore the checkpoint of `step` (config.eval.step, else the latest) and evaluate it on
     data.eval; the results go to <workdir>/results/eval_step_<step>.{json,md}."""
-    check_config(config)
-    checkpoint.check_compatible(workdir, config)
-    check_datasets(config.data, ("eval",))
     step = config.eval.step if step is None else step
-    programs = programs or build_programs(config)
+    check_config(config)
+    checkpoint.check_workdir(workdir)  # the results are written there
+    checkpoint.check_compatible(workdir, config)
+    _check_checkpoint_exists(workdir, step)
+    programs = programs or build_programs(config)  # compiles nothing yet
     _check_programs(programs, config)
+    check_batch_sizes(config, programs.mesh, ("eval",))
+    check_datasets(config.data, ("eval",))
     manager = checkpoint.make_manager(workdir, None, asynchronous=False, read_only=True)
     try:
         restored = checkpoint.restore(manager, abstract_states(config, programs),
                                       base_key(config), step)
     finally:
         manager.close()
-    if restored is None:
-        checkpoints = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
-        raise FileNotFoundError(f"no checkpoint in {checkpoints}: "
-                                "train first (--mode train), or point --workdir at a run")
     writer = make_writer(workdir)
     try:
         return _report(config, workdir, programs, writer, restored.step,
@@ -568,14 +701,28 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
         writer.close()
 
 
+def _check_checkpoint_exists(workdir: str, step: int | None) -> None:
+    """The checkpoint to evaluate is there (before any data is read or generated)."""
+    available = checkpoint.saved_steps(workdir)
+    directory = checkpoint.checkpoint_directory(workdir)
+    if not available:
+        raise checkpoint.CheckpointMissingError(
+            f"no checkpoint in {directory}: train first (--mode train), or point --workdir at "
+            "a run")
+    if step is not None and step not in available:
+        raise checkpoint.CheckpointMissingError(
+            f"no checkpoint of step {step} in {directory} (config.eval.step); the checkpoints "
+            f"there are of steps {available}")
+
+
 # ----------------------------------------------------------------------------- summary mode
 
 def training_size(config) -> tuple[int, int]:
     domain = config.data.source
     size = domain.crop if domain.crop is not None else domain.resize
     if size is None:
-        raise ValueError("config.data.source: set `crop` or `resize` (H, W) to give the "
-                         "training size")
+        raise ConfigError("config.data.source: set `crop` or `resize` (H, W) to give the "
+                          "training size")
     return tuple(size)
 
 

@@ -1,6 +1,9 @@
-"""Checkpoints: exact resume, interrupted saves, incompatible workdirs."""
+"""Checkpoints: exact resume, interrupted and failed saves, Ctrl-C, incompatible workdirs."""
+import dataclasses
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -9,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from lsd_jax import checkpoint, train
+from lsd_jax import checkpoint, errors, train
 from train_helpers import REPO_ROOT, tiny_config, tiny_programs
 
 
@@ -94,9 +97,16 @@ def test_a_save_interrupted_at_any_moment_leaves_a_restorable_workdir(tmp_path):
     manager.close()
 
 
+def save_a_checkpoint(workdir, step=2):
+    manager = checkpoint.make_manager(str(workdir), asynchronous=False)
+    checkpoint.save(manager, step, {"w": jax.numpy.ones(2)}, jax.random.key(0))
+    manager.close()
+
+
 def test_incompatible_workdir_says_what_differs(tmp_path):
     config = tiny_config(str(tmp_path / "tfds"))
     checkpoint.write_config(str(tmp_path), config)
+    save_a_checkpoint(tmp_path)
     config.model.width = 1 / 8
     config.num_classes = 16
     config.data.class_set = "synthia16"
@@ -107,8 +117,93 @@ def test_incompatible_workdir_says_what_differs(tmp_path):
     assert "model.width: workdir has 0.0625, this config has 0.125" in message
     assert "num_classes: workdir has 19, this config has 16" in message
     assert "data.class_set" in message and "train.num_steps" not in message
+    assert "\n" not in message
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["width"] == 1 / 16
+
+
+def test_a_workdir_without_checkpoint_is_fresh(tmp_path):
+    """A start that stopped before its first checkpoint left config.json: the corrected
+    command is not refused, and its config replaces the old one."""
+    config = tiny_config(str(tmp_path / "tfds"))
+    checkpoint.write_config(str(tmp_path), config)
+    config.model.width = 1 / 8
+    checkpoint.check_compatible(str(tmp_path), config)
+    checkpoint.write_config(str(tmp_path), config)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 1 / 8
+
+
+def test_an_unusable_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(errors.WorkdirError, match=r"file/run: .*file is not a directory"):
+        checkpoint.check_workdir(str(tmp_path / "file" / "run"))
+    # A read-only file system (root may write anywhere else, so the check is simulated).
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(errors.WorkdirError, match=rf"{tmp_path}/new/run: its parent {tmp_path} "
+                                                  "is not writable"):
+        checkpoint.check_workdir(str(tmp_path / "new" / "run"))
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def counting_steps(programs):
+    """The programs with a step function that counts its calls."""
+    calls = []
+
+    def step(states, batch, key):
+        calls.append(1)
+        return programs.updates.step(states, batch, key)
+    return dataclasses.replace(programs, updates=programs.updates._replace(step=step)), calls
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_a_failed_save_stops_the_run_at_once_naming_the_last_good_checkpoint(
+        data_dir, tmp_path, monkeypatch, asynchronous):
+    """The disk is full when step 4's checkpoint is written (in the background when
+    asynchronous): the run stops at the next step boundary at the latest, not at a later
+    save, and step 2's checkpoint stays the last good one."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+    handler = json_checkpoint_handler.JsonCheckpointHandler
+    write_meta = handler._save_fn
+
+    async def disk_full_at_step_4(self, item, directory):
+        if item.get("step") == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await write_meta(self, item, directory)
+
+    monkeypatch.setattr(handler, "_save_fn", disk_full_at_step_4)
+    programs, calls = counting_steps(tiny_programs())
+    config = tiny_config(data_dir)
+    config.train.num_steps = 10
+    config.checkpoint.asynchronous = asynchronous
+    workdir = str(tmp_path / "run")
+    with pytest.raises(checkpoint.SaveFailedError, match=(
+            r"^saving the checkpoint of step 4 failed: \[Errno 28\] No space left on device\. "
+            rf"The last good checkpoint is step 2 in {workdir}/checkpoints;")):
+        train.train_and_evaluate(config, workdir, programs=programs, evaluate_at_end=False)
+    # Synchronous: at the save itself; in the background: before the next save (step 6).
+    assert len(calls) == 4 if not asynchronous else len(calls) <= 6
+    assert checkpoint.saved_steps(workdir) == [2]
+
+
+def test_ctrl_c_as_a_save_begins_completes_that_save_and_stops(data_dir, tmp_path, monkeypatch):
+    start_save = checkpoint.save
+
+    def save_with_ctrl_c(manager, step, *args, **kwargs):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # lands as the save of step 4 begins
+        return start_save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_with_ctrl_c)
+    programs, calls = counting_steps(tiny_programs())
+    config = tiny_config(data_dir)
+    config.train.num_steps = 10
+    workdir = str(tmp_path / "run")
+    with pytest.raises(errors.Interrupted, match=(
+            rf"^interrupted \(Ctrl-C\); the last good checkpoint is step 4 in {workdir}/")):
+        train.train_and_evaluate(config, workdir, programs=programs, evaluate_at_end=False)
+    assert len(calls) == 4
+    assert checkpoint.saved_steps(workdir) == [2, 4]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_restoring_a_missing_step_names_the_steps_there(tmp_path):

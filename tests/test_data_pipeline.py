@@ -173,6 +173,24 @@ def test_clear_errors(config):
         pipeline.load_builder("gta5", config.data_dir)
 
 
+def dataset_ops(dataset) -> set[str]:
+    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+    return {node.op for node in graph.node} | {
+        node.op for function in graph.library.function for node in function.node_def}
+
+
+def test_training_and_eval_streams_hold_no_cache(config):
+    """A training stream stops mid-epoch and an evaluation builds a new dataset each time: a
+    cache of their split (TFDS adds one to small splits by itself) would be dropped half-filled
+    at every stop, with a tf.data warning, or never read back."""
+    train_ops = dataset_ops(pipeline.make_train_dataset(config, process_index=0,
+                                                        process_count=1))
+    eval_ops = dataset_ops(pipeline.make_eval_dataset(config, process_index=0,
+                                                      process_count=1)[0])
+    assert "TFRecordDataset" in train_ops | eval_ops  # the check looks at the whole pipeline
+    assert not [op for op in train_ops | eval_ops if op.startswith("CacheDataset")]
+
+
 def test_official_cityscapes_labels_are_label_ids():
     class Official:
         name = "cityscapes"

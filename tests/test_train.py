@@ -1,12 +1,18 @@
 """The training loop's failure handling and helpers (the loop itself: test_checkpoint, test_main)."""
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsd_jax import checkpoint, train
-from train_helpers import load_config_file, tiny_config, tiny_programs
+from lsd_jax import checkpoint, distributed, errors, parallel, train
+from train_helpers import (REPO_ROOT, free_port, load_config_file, subprocess_env, tiny_config,
+                           tiny_programs)
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_checkpoint(
@@ -72,6 +78,98 @@ def test_bad_config_values_name_the_field(field, value, message):
     (config[section] if section else config)[name] = value
     with pytest.raises(ValueError, match=message):
         train.check_config(config)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"source.crop": (40, 128), "target.crop": (40, 128)},
+     r"^config.data.source.crop=\(40, 128\): .*height=40 must be a positive multiple of 32"),
+    ({"target.crop": (32, 128)},
+     r"^config.data.source.crop=\(64, 128\) but config.data.target.crop=\(32, 128\)"),
+    ({"source.crop": None}, r"^config.data.source: set crop or resize"),
+    ({"source.crop": (64, 128, 3)}, r"^config.data.source.crop=\(64, 128, 3\): expected"),
+])
+def test_training_sizes_are_checked_up_front_naming_the_field(changes, message):
+    data = load_config_file("synthetic").data
+    for field, value in changes.items():
+        domain, name = field.split(".")
+        data[domain][name] = value
+    with pytest.raises(errors.ConfigError, match=message):
+        train.check_training_sizes(data)
+
+
+def test_batch_sizes_must_divide_over_the_devices():
+    config = load_config_file("synthetic")
+    mesh = parallel.make_mesh(2)
+    config.data.batch_size = 3
+    with pytest.raises(errors.ConfigError, match=r"^config.data.batch_size=3: each batch is split "
+                                                 r"over 2 devices .* multiple of 2$"):
+        train.check_batch_sizes(config, mesh, ())
+    config.data.batch_size = 4
+    config.data.eval.batch_size = 5
+    train.check_batch_sizes(config, mesh, ("selection",))
+    with pytest.raises(errors.ConfigError, match=r"^config.data.eval.batch_size=5: "):
+        train.check_batch_sizes(config, mesh, ("selection", "eval"))
+
+
+def test_sigterm_on_one_process_means_stop_at_the_next_step():
+    with distributed.StopSignals() as stop:
+        assert not stop.preempted(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.preempted(2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+PREEMPTED_WORKER = """
+import sys, time
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from lsd_jax import checkpoint
+from lsd_jax.distributed import StopSignals, initialize_distributed
+
+address, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+initialize_distributed(address, 2, process_id, initialization_timeout=30)
+manager = checkpoint.make_manager(workdir)
+with StopSignals(manager.reached_preemption) as stop:
+    print("READY", flush=True)
+    for step in range(1, 100_000):
+        time.sleep(0.01)  # a training step
+        if stop.preempted(step):
+            print(f"STOP {step}", flush=True)
+            break
+manager.close()
+"""
+
+
+def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """SLURM or Cloud TPU may signal any process first: JAX's preemption sync, through
+    orbax's reached_preemption, makes every process stop (and save) at the same step."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(PREEMPTED_WORKER)
+    address = f"127.0.0.1:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, str(worker), address, str(i),
+                                   str(tmp_path / "run")], env=subprocess_env(), cwd=REPO_ROOT,
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for i in range(2)]
+    outputs = []
+    kill_all = threading.Timer(120, lambda: [p.kill() for p in processes])  # if READY never comes
+    kill_all.start()
+    try:
+        for process in processes:
+            for line in process.stdout:  # (gloo prints its connections there too)
+                if line.strip() == "READY":
+                    break
+        processes[1].send_signal(signal.SIGTERM)
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=60)
+            assert process.returncode == 0, stderr[-3000:]
+            outputs.append([line for line in stdout.splitlines() if line.startswith("STOP")])
+    finally:
+        kill_all.cancel()
+        for process in processes:  # never leave a process waiting for its peer
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert len(outputs[0]) == 1 and outputs[0] == outputs[1], outputs
 
 
 @pytest.mark.parametrize("name, variant", [("default", "")] + [

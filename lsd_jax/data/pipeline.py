@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lsd_jax.data import classes
+from lsd_jax.errors import ConfigError
 from lsd_jax.models import VGG_MEAN_BGR, check_training_size
 
 # TFDS's own Cityscapes builder stores labelIds under other feature names.
@@ -47,8 +48,8 @@ def _overridden_config(builder_cls, config_name: str | None, overrides: dict):
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"config_overrides {unknown} are not fields of {builder_cls.name}'s "
-                         f"builder config; it has {sorted(fields)}")
+        raise ConfigError(f"config_overrides {unknown} are not fields of {builder_cls.name}'s "
+                          f"builder config; it has {sorted(fields)}")
     digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
     return dataclasses.replace(base, name=f"{base.name}_{digest}", **overrides)
 
@@ -67,17 +68,25 @@ def load_builder(name: str, data_dir: str | None, manual_dir: str | None = None,
                               config=_overridden_config(builder_cls, config_name, overrides))
     else:
         builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
+    if not is_prepared(builder):
         if builder.name == "synthetic_scenes" or manual_dir:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=manual_dir))
         else:
             raise FileNotFoundError(
-                f"dataset {name!r} is not built in {builder.data_dir}. Build it once with\n"
-                f"  python -m lsd_jax.data.prepare {builder.info.full_name.rsplit('/', 1)[0]} "
-                f"--manual_dir <extracted files> --data_dir {data_dir or '~/tensorflow_datasets'}"
-                "\nor set manual_dir in the data config. See docs/data.md.")
+                f"dataset {name!r} is not built in {builder.data_dir}. Build it once with "
+                f"`python -m lsd_jax.data.prepare {builder.info.full_name.rsplit('/', 1)[0]} "
+                f"--manual_dir <extracted files> --data_dir {data_dir or '~/tensorflow_datasets'}`"
+                ", or set manual_dir in the data config (see docs/data.md).")
     return builder
+
+
+def is_prepared(builder) -> bool:
+    """builder.is_prepared(), without the warning TFDS logs for every dataset not built yet
+    ("Variant folder ... has no dataset_info.json"): a missing dataset is not a problem here,
+    it is built or reported."""
+    info_file = tfds.core.Path(builder.data_path) / "dataset_info.json"
+    return info_file.exists() and builder.is_prepared()
 
 
 def stored_class_set(builder) -> str:
@@ -99,8 +108,12 @@ def read_encoded(builder, split: str, *, shuffle: bool, seed: int | None):
     shuffle buffers hold compact encoded files."""
     image_key, label_key, _ = label_source(builder, "cityscapes19")
     skip = {image_key: tfds.decode.SkipDecoding(), label_key: tfds.decode.SkipDecoding()}
+    # No TFDS auto-cache (`ds.cache()` of small splits): a training stream is endless and stops
+    # part-way through an epoch, so its cache would be filled only to be discarded (tf.data
+    # warns about exactly that at every stop), and an evaluation builds a new dataset each
+    # time, so a cache would never be read back either. Small files stay in the OS's cache.
     ds = builder.as_dataset(split=split, shuffle_files=shuffle, decoders=skip,
-                            read_config=tfds.ReadConfig(shuffle_seed=seed))
+                            read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
     return ds.map(lambda ex: (ex[image_key], ex[label_key]),
                   num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -158,12 +171,12 @@ def output_size(domain) -> tuple[int, int]:
     """(H, W) of a domain's training images: the crop, else the resize; one of them is needed."""
     size = domain.crop if domain.crop is not None else domain.resize
     if size is None:
-        raise ValueError(f"data config for {domain.name!r}: set `crop` or `resize` (H, W); "
-                         "images of varying size cannot be batched")
+        raise ConfigError(f"data config for {domain.name!r}: set `crop` or `resize` (H, W); "
+                          "images of varying size cannot be batched")
     if domain.crop is not None and domain.resize is not None and (
             domain.crop[0] > domain.resize[0] or domain.crop[1] > domain.resize[1]):
-        raise ValueError(f"data config for {domain.name!r}: crop {tuple(domain.crop)} is larger "
-                         f"than resize {tuple(domain.resize)}")
+        raise ConfigError(f"data config for {domain.name!r}: crop {tuple(domain.crop)} is "
+                          f"larger than resize {tuple(domain.resize)}")
     return tuple(size)
 
 
@@ -201,9 +214,9 @@ def train_example_fn(domain, table: np.ndarray, views_on_device: bool = False):
 
 def per_process_batch(global_batch: int, process_count: int, what: str = "batch_size") -> int:
     if global_batch < 1 or global_batch % process_count:
-        raise ValueError(f"data.{what}={global_batch} must be a positive multiple of the "
-                         f"process count {process_count}: each process loads "
-                         f"{what} / process_count examples")
+        raise ConfigError(f"data.{what}={global_batch} must be a positive multiple of the "
+                          f"process count {process_count}: each process loads "
+                          f"{what} / process_count examples")
     return global_batch // process_count
 
 
@@ -260,8 +273,8 @@ def make_train_dataset(config, *, process_index: int | None = None,
     src_size, tgt_size = output_size(config.source), output_size(config.target)
     check_training_size(*src_size)
     if src_size != tgt_size:
-        raise ValueError(f"source images are {src_size} but target images {tgt_size}; set "
-                         "data.source.crop/resize and data.target.crop/resize to one size")
+        raise ConfigError(f"source images are {src_size} but target images {tgt_size}; set "
+                          "data.source.crop/resize and data.target.crop/resize to one size")
     streams = [domain_stream(config, d, i, process_index=process_index,
                              process_count=process_count, start_step=start_step)
                for i, d in enumerate((config.source, config.target))]

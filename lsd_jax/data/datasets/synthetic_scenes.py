@@ -12,8 +12,10 @@ or, from a training config, `data.target.config_overrides = {"noise": 20.0}` (se
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
+from absl import logging
 
 import tensorflow_datasets as tfds
 
@@ -78,6 +80,19 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
                 "name": tfds.features.Text(),
             }),
         )
+
+    # TFDS announces a build on stdout as "Downloading and preparing dataset Unknown size
+    # (download: Unknown size, ...)", which is not true of a generated dataset; these two hooks
+    # of its download_and_prepare() say what is generated, where, and how long it took.
+    def _log_download_bytes(self):
+        c = self.builder_config
+        self._generation_start = time.perf_counter()
+        logging.info("Generating %s/%s (%s + %s scenes) in %s ...", self.name, c.name,
+                     f"{c.num_train:,}", f"{c.num_validation:,}", self.data_dir)
+
+    def _log_download_done(self):
+        seconds = time.perf_counter() - getattr(self, "_generation_start", time.perf_counter())
+        logging.info("Generated %s/%s in %.0f s", self.name, self.builder_config.name, seconds)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
