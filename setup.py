@@ -24,6 +24,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "h5py>=3.10",
+        "matplotlib>=3.5",  # the benchmark runner's charts and picture grids
         "importlib_resources>=6.0",  # tensorflow-datasets needs it with recent etils
     ],
     extras_require={
