@@ -30,9 +30,13 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     if variant in ("source_only", "target_only"):
         config.method = "source_only"
     if variant == "target_only":
-        flip = config.data.source.flip
-        config.data.source = config.data.target.copy_and_resolve_references()
-        config.data.source.flip = flip
+        # References, not copies: a later override of data.target (a config file's own
+        # settings after this call, or --config.data.target.split=... on the command line)
+        # reaches the oracle's training set too. The source's flip setting stays.
+        source, target = config.data.source, config.data.target
+        for field in target.keys():
+            if field != "flip":
+                source[field] = target.get_ref(field)
     return config
 
 
@@ -71,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     # keeping its activations (less memory, more compute; results unchanged).
     config.model.remat_f = False
     config.model.remat_g = False
+    # XLA's plain pooling and (transposed) convolutions instead of the forms in models/layers.py
+    # that are tuned for XLA:CPU (same parameters and results; see docs/benchmarks.md).
+    config.model.plain_kernels = False
 
     # "alternating": D steps, then G with the new D, then F with the new D and G.
     # "simultaneous": all three gradients from one forward pass at the start parameters.

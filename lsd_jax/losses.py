@@ -1,11 +1,13 @@
 """LSD's losses (SPEC section 3): pixel cross-entropy, L1, domain labels and aux labels.
 
-All reductions run in float32 whatever the compute dtype of the logits.
+All reductions run in float32 (or wider) whatever the compute dtype of the logits.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lsd_jax.models.layers import at_least_float32
 
 IGNORE_LABEL = 255
 
@@ -31,7 +33,7 @@ def ce2d(logits: jax.Array, labels: jax.Array, reduction: str = "sum") -> jax.Ar
         raise ValueError(f"ce2d: labels must be integers, got dtype {labels.dtype}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"ce2d: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(at_least_float32(logits), axis=-1)
     valid = labels != IGNORE_LABEL
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
     nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
@@ -49,7 +51,7 @@ def domain_ce(logits: jax.Array, domain: int, reduction: str = "sum") -> jax.Arr
 
 def l1(image: jax.Array, target: jax.Array) -> jax.Array:
     """Mean absolute error between G's image and the real image, both in [0, 1]."""
-    return jnp.mean(jnp.abs(image.astype(jnp.float32) - target.astype(jnp.float32)))
+    return jnp.mean(jnp.abs(at_least_float32(image) - at_least_float32(target)))
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:

@@ -32,7 +32,8 @@ from lsd_jax.models.vgg_fcn import check_image
 
 UPDATE_MODES = ("alternating", "simultaneous")
 METHODS = ("lsd", "source_only")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 is for reference evaluations in tests and checks (it needs jax_enable_x64).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -144,10 +145,13 @@ def build_networks(config) -> Networks:
     dtype = DTYPES[m.dtype]
     # Rematerialisation: trades activation memory for recomputation in the backward pass.
     remat_f, remat_g = bool(m.remat_f), bool(m.remat_g)
+    plain = bool(m.plain_kernels)
     return Networks(
-        f=FCN8s(config.num_classes, m.width, m.dropout_rate, dtype, remat=remat_f),
-        g=Generator(m.width, m.dropout_rate, dtype, remat=remat_g),
-        d=Discriminator(config.num_classes, m.width, m.dropout_rate, dtype),
+        f=FCN8s(config.num_classes, m.width, m.dropout_rate, dtype, remat=remat_f,
+                plain_kernels=plain),
+        g=Generator(m.width, m.dropout_rate, dtype, remat=remat_g, plain_kernels=plain),
+        d=Discriminator(config.num_classes, m.width, m.dropout_rate, dtype,
+                        plain_kernels=plain),
         f_tx=f_optimizer(config.optim),
         g_tx=gd_optimizer(config.optim),
         d_tx=gd_optimizer(config.optim),

@@ -19,6 +19,7 @@ class Discriminator(nn.Module):
       num_classes: classes of the auxiliary head.
       width: multiplier on ndf = 64; the trunk is 2 * ndf wide (1.0 = the reference).
       dtype: compute dtype; parameters stay float32.
+      plain_kernels: XLA's reduce_window for the pools instead of the CPU-tuned form.
 
     Parameter names: stem, res{group}_{i} (ResBlocks), out_s, out_c.
     """
@@ -27,6 +28,7 @@ class Discriminator(nn.Module):
     width: float = 1.0
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    plain_kernels: bool = False
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool):
@@ -39,7 +41,7 @@ class Discriminator(nn.Module):
         h = nn.leaky_relu(instance_norm(h), 0.2)
         for group in range(1, RES_GROUPS + 1):
             if group > 1:
-                h = max_pool_floor(h)
+                h = max_pool_floor(h, plain=self.plain_kernels)
             for i in range(RES_BLOCKS_PER_GROUP):
                 h = ResBlock(use_bias=True, leaky=True, dropout_rate=self.dropout_rate,
                              dtype=self.dtype, name=f"res{group}_{i}")(h, train)

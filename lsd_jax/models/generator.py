@@ -4,7 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsd_jax.models.layers import ConvTranspose, Dtype, ResBlock, instance_norm, scaled
+from lsd_jax.models.layers import (ConvTranspose, Dtype, ResBlock, at_least_float32, instance_norm,
+                                   scaled)
 
 # (kernel, stride, padding, output-width factor of ngf) of the five upsampling stages; pool4 is
 # concatenated before stage 3 and pool3 before stage 4.
@@ -18,6 +19,8 @@ class Generator(nn.Module):
       dtype: compute dtype; parameters stay float32.
       remat: rematerialise each upsampling stage (transposed conv, IN, ReLU, ResBlocks) in the
         backward pass, keeping only the stage inputs. Parameter names and results are the same.
+      plain_kernels: XLA's input-dilated convolution for the transposed convolutions instead of
+        the CPU-tuned col2im and sub-pixel forms (same parameters and results).
 
     Parameter names: up{1..5} (transposed convs), res{stage}_{0,1} (ResBlocks), to_image.
     """
@@ -26,6 +29,7 @@ class Generator(nn.Module):
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
     remat: bool = False
+    plain_kernels: bool = False
 
     @nn.compact
     def __call__(self, fc7: jax.Array, pool4: jax.Array, pool3: jax.Array, train: bool):
@@ -43,7 +47,8 @@ class Generator(nn.Module):
                 h = jnp.concatenate([h, skip.astype(self.dtype)], axis=-1)
 
             def upsampling_stage(module, h, stage=stage, k=k, s=s, p=p, mult=mult):
-                h = ConvTranspose(ngf * mult, k, s, p, dtype=self.dtype, name=f"up{stage}")(h)
+                h = ConvTranspose(ngf * mult, k, s, p, dtype=self.dtype,
+                                  plain=self.plain_kernels, name=f"up{stage}")(h)
                 h = nn.relu(instance_norm(h))
                 for i in range(RES_BLOCKS_PER_STAGE):
                     h = ResBlock(use_bias=False, leaky=False, dropout_rate=self.dropout_rate,
@@ -51,5 +56,6 @@ class Generator(nn.Module):
                 return h
             # Lifted remat over a function of the module keeps the parameter names.
             h = (nn.remat(upsampling_stage) if self.remat else upsampling_stage)(self, h)
-        image = ConvTranspose(3, 8, 2, 100, use_bias=True, dtype=self.dtype, name="to_image")(h)
-        return nn.sigmoid(image.astype(jnp.float32))
+        image = ConvTranspose(3, 8, 2, 100, use_bias=True, dtype=self.dtype,
+                              plain=self.plain_kernels, name="to_image")(h)
+        return nn.sigmoid(at_least_float32(image))

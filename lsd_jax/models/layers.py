@@ -18,12 +18,17 @@ def gan_bias_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, minval=-0.01, maxval=0.01)
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """x in float32, or in its own dtype when that is wider (float64 reference checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     """InstanceNorm2d without scale or shift: per sample and channel over H and W.
 
     Statistics are taken in float32 whatever the compute dtype, as PyTorch's autocast does.
     """
-    x32 = x.astype(jnp.float32)
+    x32 = at_least_float32(x)
     mean = x32.mean(axis=(1, 2), keepdims=True)
     var = jnp.square(x32 - mean).mean(axis=(1, 2), keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
@@ -34,45 +39,64 @@ def _window_corners(x: jax.Array):
     return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
 
 
+def _first_max_corner(corners):
+    """(maximum, index 0-3 of the first corner that attains it, in row-major order)."""
+    top_left, top_right, bottom_left, bottom_right = corners
+    top, top_index = jnp.maximum(top_left, top_right), jnp.where(top_right > top_left, 1, 0)
+    bottom = jnp.maximum(bottom_left, bottom_right)
+    bottom_index = jnp.where(bottom_right > bottom_left, 3, 2)
+    index = jnp.where(bottom > top, bottom_index, top_index).astype(jnp.int8)
+    return jnp.maximum(top, bottom), index
+
+
 @jax.custom_vjp
 def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
-    top_left, top_right, bottom_left, bottom_right = _window_corners(x)
-    return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
+    return _first_max_corner(_window_corners(x))[0]
 
 
 def _max_pool_2x2_even_fwd(x):
-    y = _max_pool_2x2_even(x)
-    return y, (x, y)
+    y, index = _first_max_corner(_window_corners(x))
+    return y, index
 
 
-def _max_pool_2x2_even_bwd(residuals, g):
+def _max_pool_2x2_even_bwd(index, g):
     # The whole gradient of a window goes to its first maximum in row-major order, as in
-    # PyTorch and XLA's select-and-scatter (jnp.max would split it between ties). Written as
-    # elementwise selects and an interleave: XLA's CPU select-and-scatter is 3-10x slower.
-    x, y = residuals
-    taken = jnp.zeros(y.shape, bool)
-    grads = []
-    for corner in _window_corners(x):
-        wins = (corner == y) & ~taken
-        grads.append(jnp.where(wins, g, jnp.zeros((), g.dtype)))
-        taken = taken | wins
+    # PyTorch and XLA's select-and-scatter. The winner's index is saved by the forward rule:
+    # comparing the saved output with the input again would need both to be bitwise equal, and
+    # under jit XLA may recompute the input in the backward fusion with another rounding, which
+    # silently dropped the gradient of whole windows. Written as elementwise selects and an
+    # interleave because XLA's CPU select-and-scatter is 3-10x slower.
+    zero = jnp.zeros((), g.dtype)
+    grads = [jnp.where(index == corner, g, zero) for corner in range(4)]
     top = jnp.stack(grads[:2], axis=3)      # (n, h/2, w/2, 2, c)
     bottom = jnp.stack(grads[2:], axis=3)
-    return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)
+    n, h, w, c = g.shape
+    return (jnp.stack([top, bottom], axis=2).reshape(n, 2 * h, 2 * w, c),)
 
 
 _max_pool_2x2_even.defvjp(_max_pool_2x2_even_fwd, _max_pool_2x2_even_bwd)
 
 
-def max_pool_ceil(x: jax.Array) -> jax.Array:
+def max_pool_2x2_reduce_window(x: jax.Array, ceil_mode: bool) -> jax.Array:
+    """The plain form of both pools (XLA's reduce_window; select-and-scatter gradient)."""
+    h, w = x.shape[1:3]
+    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0)) if ceil_mode else "VALID"
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), pad)
+
+
+def max_pool_ceil(x: jax.Array, plain: bool = False) -> jax.Array:
     """2x2/2 max-pool in PyTorch's ceil mode: a partial window at the bottom/right is kept."""
+    if plain:
+        return max_pool_2x2_reduce_window(x, ceil_mode=True)
     h, w = x.shape[1:3]
     x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
     return _max_pool_2x2_even(x)
 
 
-def max_pool_floor(x: jax.Array) -> jax.Array:
+def max_pool_floor(x: jax.Array, plain: bool = False) -> jax.Array:
     """2x2/2 max-pool in floor mode (a trailing odd row/column is dropped)."""
+    if plain:
+        return max_pool_2x2_reduce_window(x, ceil_mode=False)
     h, w = x.shape[1:3]
     return _max_pool_2x2_even(x[:, :h - h % 2, :w - w % 2])
 
@@ -163,7 +187,8 @@ def conv_transpose_dilated(x: jax.Array, kernel: jax.Array, stride: int,
     return y
 
 
-def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
+                         plain: bool = False) -> jax.Array:
     """PyTorch's ConvTranspose2d (no output padding) for an HWIO kernel (k, k, in, out).
 
     Computed "sub-pixel": output pixel s*q + a (phase a < s) only ever meets the kernel taps
@@ -174,8 +199,11 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     slow generic path for the kernel gradient of an input-dilated convolution, or of a
     convolution whose padding is not "same"-like (10-40x slower, measured; see
     docs/benchmarks.md), and never for this form. Stride 1 has a single phase and is computed
-    by `conv_transpose_col2im` instead. Same result as `conv_transpose_dilated`.
+    by `conv_transpose_col2im` instead. Same result as `conv_transpose_dilated`, which
+    `plain=True` computes instead.
     """
+    if plain:
+        return conv_transpose_dilated(x, kernel, stride, padding)
     k, s = kernel.shape[0], stride
     cin, cout = kernel.shape[2:]
     full_h, full_w = (x.shape[1] - 1) * s + k, (x.shape[2] - 1) * s + k
@@ -208,13 +236,14 @@ class ConvTranspose(nn.Module):
     kernel_init: Initializer = gan_kernel_init
     bias_init: Initializer = gan_bias_init
     dtype: Dtype = jnp.float32
+    plain: bool = False  # XLA's input-dilated convolution instead of the CPU-tuned forms
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         y = conv_transpose_torch(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                                 self.padding)
+                                 self.padding, plain=self.plain)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y
@@ -222,7 +251,8 @@ class ConvTranspose(nn.Module):
 
 class Im2ColConv(nn.Module):
     """A VALID stride-1 convolution with nn.Conv's parameters (kernel (k, k, in, out), bias),
-    computed by `conv_valid_im2col`: for large kernels over many channels on small maps."""
+    computed by `conv_valid_im2col`: for large kernels over many channels on small maps.
+    `plain=True` computes it with XLA's convolution instead (same parameters, same result)."""
 
     features: int
     kernel_size: int
@@ -230,12 +260,14 @@ class Im2ColConv(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype = jnp.float32
+    plain: bool = False
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-        y = conv_valid_im2col(x.astype(self.dtype), kernel.astype(self.dtype))
+        conv = _conv_valid if self.plain else conv_valid_im2col
+        y = conv(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y

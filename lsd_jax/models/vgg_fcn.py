@@ -66,6 +66,9 @@ class FCN8s(nn.Module):
       remat: rematerialise each VGG block in the backward pass (keep only the block's pooled
         output, recompute its convolutions): less activation memory for ~one more forward of
         the backbone. Parameter names and results are the same either way.
+      plain_kernels: compute the pools, fc6/fc7 and the head's transposed convolutions with
+        XLA's plain operations (reduce_window, conv_general_dilated) instead of the forms tuned
+        for XLA:CPU in layers.py. Same parameters and results; the reference for tests.
 
     The three bilinear transposed convolutions live in the variable collection "frozen", not in
     "params": they are never trained (SPEC), and keeping them out of "params" means no gradient
@@ -78,6 +81,7 @@ class FCN8s(nn.Module):
     dtype: Dtype = jnp.float32
     blocks: Sequence[Sequence[int]] = VGG_BLOCKS
     remat: bool = False
+    plain_kernels: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
@@ -94,7 +98,7 @@ class FCN8s(nn.Module):
                 for i, w in enumerate(widths, 1):
                     h = nn.relu(conv(scaled(w, self.width), f"conv{b}_{i}",
                                      padding=100 if (b, i) == (1, 1) else 1)(h))
-                return max_pool_ceil(h)
+                return max_pool_ceil(h, plain=self.plain_kernels)
             # Lifted remat over a function of the module keeps the parameter names conv{b}_{i}.
             h = (nn.remat(vgg_block) if self.remat else vgg_block)(self, h)
             pools.append(h)
@@ -108,7 +112,8 @@ class FCN8s(nn.Module):
         # matmuls with free kernel reshapes: XLA's CPU convolution is very slow for fc6 and
         # copies the transposed fc7 kernel (see Im2ColConv). Same parameters as an nn.Conv.
         fc_layer = lambda k, name: Im2ColConv(fc, k, kernel_init=backbone_init,  # noqa: E731
-                                              dtype=self.dtype, name=name)
+                                              dtype=self.dtype, plain=self.plain_kernels,
+                                              name=name)
         h = drop(nn.relu(fc_layer(7, "fc6")(h)))
         fc7 = drop(nn.relu(fc_layer(1, "fc7")(h)))
 
@@ -119,7 +124,8 @@ class FCN8s(nn.Module):
         stride = {name: s for name, _, s in UPSCORE_LAYERS}
 
         def upsample(name, t):
-            return conv_transpose_torch(t, up[name].astype(self.dtype), stride[name], 0)
+            return conv_transpose_torch(t, up[name].astype(self.dtype), stride[name], 0,
+                                        plain=self.plain_kernels)
 
         up2 = upsample("upscore2", score_conv("score_fr")(fc7))
         s4 = _crop(score_conv("score_pool4")(pool4), POOL4_CROP, *up2.shape[1:3], "score_pool4")
