@@ -72,6 +72,7 @@ def _run(config, workdir: str | None, mode: str) -> int:
     if not workdir:
         raise UsageError(f"--workdir is required for --mode {mode}")
 
+    import jax
     import tensorflow_datasets as tfds
 
     from lsd_jax import distributed, train
@@ -81,10 +82,27 @@ def _run(config, workdir: str | None, mode: str) -> int:
     distributed.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                        FLAGS.process_id)
     if mode == "eval":
-        train.evaluate_checkpoint(config, workdir)
+        summary = train.evaluate_checkpoint(config, workdir)
     else:
-        train.train_and_evaluate(config, workdir, evaluate_at_end=mode == "train_and_eval")
+        summary = train.train_and_evaluate(config, workdir,
+                                           evaluate_at_end=mode == "train_and_eval").eval_summary
+    if summary is not None and jax.process_index() == 0:
+        print(where_results_are(workdir, summary))
     return 0
+
+
+def where_results_are(workdir: str, summary: dict) -> str:
+    """The last lines of a run: its result and where to look at it."""
+    import os
+
+    from lsd_jax import evaluate, train
+
+    results = os.path.join(workdir, train.RESULTS_SUBDIR, f"eval_step_{summary['step']}.md")
+    return (f"mIoU {evaluate.format_percent(summary['miou'])} % on {summary['dataset']}:"
+            f"{summary['split']} at step {summary['step']}.\n"
+            f"  per-class table: {results}\n"
+            f"  curves and pictures (training images, G's reconstructions, predictions beside "
+            f"labels): tensorboard --logdir {workdir}")
 
 
 # ----------------------------------------------------------------------------- flags

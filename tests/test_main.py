@@ -95,6 +95,9 @@ def test_train_then_eval_end_to_end(tmp_path):
     table = open(os.path.join(workdir, "results", "eval_step_4.md")).read()
     assert "| road |" in table and "**mIoU (" in table
     assert "eval/miou" in event_tags(workdir)[0]
+    # The last lines say what came out and where to look.
+    assert f"per-class table: {os.path.join(workdir, 'results', 'eval_step_4.md')}" in \
+        evaluated.stdout and f"tensorboard --logdir {workdir}" in evaluated.stdout
 
 
 def test_summary_mode_prints_counts_and_shapes_without_data():
