@@ -32,10 +32,13 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     if variant == "target_only":
         # References, not copies: a later override of data.target (a config file's own
         # settings after this call, or --config.data.target.split=... on the command line)
-        # reaches the oracle's training set too. The source's flip setting stays.
+        # reaches the oracle's training set too. The source's flip setting stays, and the
+        # builder overrides are a copy (a reference to a dict field cannot be set to a dict).
         source, target = config.data.source, config.data.target
         for field in target.keys():
-            if field != "flip":
+            if field == "config_overrides":
+                source[field] = target[field].copy_and_resolve_references()
+            elif field != "flip":
                 source[field] = target.get_ref(field)
     return config
 

@@ -46,8 +46,6 @@ def tiny_overrides(data_dir):
     return [f"--config.data.data_dir={data_dir}", "--config.data.shuffle_buffer=16",
             "--config.data.source.crop=(32, 64)", "--config.data.target.crop=(32, 64)",
             "--config.data.target.split=train[:12]", "--config.data.selection.split=train[12:]",
-            # target_only trains on a copy of data.target made before these overrides
-            "--config.data.source.split=train[:12]",
             "--config.data.eval.scale=(32, 64)", "--config.data.selection.scale=(32, 64)",
             "--config.data.eval.batch_size=4", "--config.data.selection.batch_size=4",
             "--config.train.num_steps=2", "--config.train.log_every=2",

@@ -187,6 +187,16 @@ def test_every_config_and_variant_is_valid(name, variant):
         config.optim.f_llr = 1.0  # locked: a misspelled field is an error
 
 
+def test_the_oracle_trains_on_the_target_as_later_overrides_leave_it():
+    """target_only's training set follows data.target when it is changed after the config
+    file's get_config (as --config.data.target.* flags do); the source's flip stays."""
+    config = load_config_file("synthetic", "target_only")
+    config.data.target.split, config.data.target.crop = "train[:12]", (32, 64)
+    assert config.data.source.split == "train[:12]" and config.data.source.crop == (32, 64)
+    assert config.data.source.name == "synthetic_scenes/target"
+    assert config.data.source.flip and not config.data.target.flip
+
+
 def test_console_line_is_readable():
     line = train.console_line(150, 300, {"f/seg": 1234.5, "d/loss": 2.25, "x": 1}, "lsd", 2.0)
     assert line == "step 150/300  f/seg 1234  d/loss 2.25  2.00 steps/s  ETA 1m15s"
