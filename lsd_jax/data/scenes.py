@@ -146,8 +146,8 @@ def sample_layout(rng: np.random.Generator, height: int, width: int
     # A wall or fence segment along the skyline.
     if rng.uniform() < 0.7:
         l = width * rng.uniform(0, 0.7)
-        c.box(horizon - height * rng.uniform(0.04, 0.1), horizon + 1, l,
-              l + width * rng.uniform(0.1, 0.3), WALL if rng.uniform() < 0.5 else FENCE)
+        c.box(horizon - height * rng.uniform(0.07, 0.14), horizon + 1, l,
+              l + width * rng.uniform(0.15, 0.35), WALL if rng.uniform() < 0.5 else FENCE)
 
     # Things standing on the ground, drawn far to near so that near ones occlude.
     things = []
@@ -181,11 +181,13 @@ def sample_layout(rng: np.random.Generator, height: int, width: int
 
 
 def _draw_pole(c, rng, base, x, scale, height, width):
-    pole_h = height * (0.15 + 0.6 * scale)
-    pole_w = max(1.0, width * 0.008 * (0.3 + scale))
+    # Thick enough to survive F's stride-8 output even far away (at least 3 px and 6 px):
+    # the reference's resolution is about 4x ours, where thin poles and signs still show.
+    pole_h = height * (0.2 + 0.6 * scale)
+    pole_w = max(3.0, width * 0.016 * (0.3 + scale))
     top = base - pole_h
     c.box(top, base, x - pole_w / 2, x + pole_w / 2, POLE)
-    head = max(2.0, width * 0.025 * (0.3 + scale))
+    head = max(6.0, width * 0.05 * (0.3 + scale))
     if rng.uniform() < 0.5:
         c.box(top, top + head, x - head / 2, x + head / 2, SIGN)
     else:
@@ -193,8 +195,8 @@ def _draw_pole(c, rng, base, x, scale, height, width):
 
 
 def _draw_person(c, rng, base, x, scale, height, width):
-    h = height * (0.06 + 0.4 * scale)
-    w = max(1.5, h * 0.28)
+    h = height * (0.12 + 0.4 * scale)
+    w = max(3.0, h * 0.32)
     if rng.uniform() < 0.25:  # a rider on a bicycle
         c.ellipse(base - h * 0.2, x, h * 0.2, w * 1.4, BICYCLE)
         c.ellipse(base - h * 0.65, x, h * 0.35, w / 2, RIDER)
@@ -206,7 +208,7 @@ def _draw_person(c, rng, base, x, scale, height, width):
 
 def _draw_tree(c, rng, base, x, scale, height, width):
     h = height * (0.2 + 0.5 * scale)
-    trunk = max(1.0, width * 0.01 * (0.3 + scale))
+    trunk = max(2.0, width * 0.01 * (0.3 + scale))
     c.box(base - h * 0.5, base, x - trunk / 2, x + trunk / 2, VEGETATION, new_instance=False)
     c.ellipse(base - h * 0.7, x, h * 0.3, h * rng.uniform(0.2, 0.35), VEGETATION)
 

@@ -55,8 +55,10 @@ def _config(name: str, appearance: scenes.Appearance, seed: int, description: st
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
     """Labelled procedural street scenes (image, label as trainIds, name)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "Thicker poles, larger signs, lights and people, taller walls and "
+                               "fences: visible at FCN-8s's output stride of 8."}
     BUILDER_CONFIGS = [
         _config("source", scenes.SOURCE_APPEARANCE, seed=0,
                 description="Source domain: flat, clean, saturated colours, like a game."),
