@@ -83,7 +83,7 @@ def test_bad_config_values_name_the_field(field, value, message):
 @pytest.mark.parametrize("changes, message", [
     ({"source.crop": (40, 128), "target.crop": (40, 128)},
      r"^config.data.source.crop=\(40, 128\): .*height=40 must be a positive multiple of 32"),
-    ({"target.crop": (32, 128)},
+    ({"source.crop": (64, 128), "target.crop": (32, 128)},
      r"^config.data.source.crop=\(64, 128\) but config.data.target.crop=\(32, 128\)"),
     ({"source.crop": None}, r"^config.data.source: set crop or resize"),
     ({"source.crop": (64, 128, 3)}, r"^config.data.source.crop=\(64, 128, 3\): expected"),
