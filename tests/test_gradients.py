@@ -38,7 +38,7 @@ TOLERANCE = 1e-3  # of the largest element of each gradient tensor
 HEIGHT, WIDTH, CLASSES = 64, 64, 19
 # Network width multiplier. Whether XLA recomputes a value for the backward pass depends on
 # the sizes it fuses: at 1/16 the float-equality pool above happened to stay exact, at 1/8 and
-# wider D's kernel gradients were off by 10-15% (jit against eager).
+# wider D's kernel gradients were off by 10-24% (jit against eager).
 NETWORK_WIDTH = 1 / 8
 
 
