@@ -133,6 +133,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.init.torch_f = placeholder(str)
     config.init.torch_g = placeholder(str)
     config.init.torch_d = placeholder(str)
+    # Another run's workdir whose F (parameters only, not its optimizer state) starts this run,
+    # e.g. a source-only pre-training run that several methods then start from; its latest
+    # checkpoint unless init.f_step names one.
+    config.init.f_workdir = placeholder(str)
+    config.init.f_step = placeholder(int)
 
     config.lock()
     return config

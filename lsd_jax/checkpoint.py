@@ -245,6 +245,36 @@ def restore(manager: ocp.CheckpointManager, like_states, like_key: jax.Array,
     return Restored(step, restored.state["states"], base_key, dict(restored.meta))
 
 
+def read_network(workdir: str, name: str, step: int | None = None) -> tuple[int, dict]:
+    """One network's variables ({"params": ..., "frozen": ...}) from another run's checkpoint
+    of `step` (the latest when None), whatever that run's method and optimizers were; returns
+    (step, variables). For starting a run from a finished one (`config.init.f_workdir`).
+
+    The whole checkpoint is read into host memory as saved (no target structure is needed),
+    then everything but the network is dropped.
+    """
+    manager = make_manager(workdir, None, asynchronous=False, read_only=True)
+    try:
+        steps = available_steps(manager)
+        if not steps:
+            raise CheckpointMissingError(f"{workdir!r} holds no checkpoint (expected the workdir "
+                                         "of a run that has saved one)")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointMissingError(f"no checkpoint of step {step} in {workdir!r}; the "
+                                         f"checkpoints there are of steps {steps}")
+        saved = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state["states"]
+    finally:
+        manager.close()
+    if name not in saved:
+        raise CheckpointMissingError(f"the checkpoint of step {step} in {workdir!r} has no "
+                                     f"network {name!r} (it has {sorted(saved)})")
+    network = saved[name]
+    return step, {"params": network["params"], "frozen": network.get("frozen") or {}}
+
+
 # ----------------------------------------------------------------------------- saving
 
 def _error_text(error: BaseException) -> str:

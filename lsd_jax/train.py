@@ -89,6 +89,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.eval.confusion_method not in evaluate.CONFUSION_METHODS:
         raise ConfigError(f"config.eval.confusion_method={config.eval.confusion_method!r}: "
                           f"expected one of {evaluate.CONFUSION_METHODS}")
+    f_sources = [f"init.{name}" for name in ("torch_f", "f_workdir") if config.init[name]]
+    if len(f_sources) > 1:
+        raise ConfigError(f"config.{f_sources[0]} and config.{f_sources[1]} both give F's "
+                          "weights: set one")
+    if config.init.f_step is not None and not config.init.f_workdir:
+        raise ConfigError(f"config.init.f_step={config.init.f_step} is set without "
+                          "config.init.f_workdir (the run whose checkpoint it names)")
     for name in ("torch_g", "torch_d"):
         if config.init[name] and not uses_gd(config):
             raise ConfigError(f"config.init.{name} is set but config.method={config.method!r} "
@@ -127,12 +134,25 @@ def check_training_sizes(data) -> None:
                           "one size")
 
 
-def check_weight_files(config) -> None:
-    """The files of pretrained weights config.init names exist (read when a run starts fresh)."""
+def check_weight_files(config, workdir: str) -> None:
+    """The files of pretrained weights and the run config.init names exist (read when a run
+    starts fresh), and that run is not this one."""
     for name in ("vgg16_weights", "torch_f", "torch_g", "torch_d"):
         path = config.init[name]
         if path and "://" not in path and not os.path.exists(path):
             raise ConfigError(f"config.init.{name}={path!r}: no such file")
+    f_workdir = config.init.f_workdir
+    if f_workdir and "://" not in f_workdir:
+        if os.path.abspath(f_workdir) == os.path.abspath(workdir):
+            raise ConfigError(f"config.init.f_workdir={f_workdir!r} is this run's own workdir: "
+                              "expected another run's (to resume this one, leave it unset)")
+        steps_there = checkpoint.saved_steps(f_workdir) if os.path.isdir(f_workdir) else []
+        if not steps_there:
+            raise ConfigError(f"config.init.f_workdir={f_workdir!r}: no checkpoint there "
+                              "(expected the workdir of a run that has saved one)")
+        if config.init.f_step is not None and config.init.f_step not in steps_there:
+            raise ConfigError(f"config.init.f_step={config.init.f_step}: {f_workdir!r} has "
+                              f"checkpoints of steps {steps_there}")
 
 
 def check_batch_sizes(config, mesh: jax.sharding.Mesh, eval_fields: tuple[str, ...]) -> None:
@@ -270,6 +290,10 @@ def _import_weights(config, states: steps.TrainStates) -> steps.TrainStates:
     if init.torch_f:
         f_vars = weights.import_torch_fcn8s(init.torch_f, f_vars)
         logging.info("F: PyTorch LSD-seg weights from %s", init.torch_f)
+    if init.f_workdir:
+        step, saved = checkpoint.read_network(init.f_workdir, "f", init.f_step)
+        f_vars = _same_structure(saved, f_vars, f"F of step {step} in {init.f_workdir!r}")
+        logging.info("F: from the checkpoint of step %d in %s", step, init.f_workdir)
     states = states.replace(f=f.replace(params=f_vars["params"], frozen=f_vars["frozen"]))
     for name, path, importer in (("g", init.torch_g, weights.import_torch_generator),
                                  ("d", init.torch_d, weights.import_torch_discriminator)):
@@ -283,6 +307,24 @@ def _import_weights(config, states: steps.TrainStates) -> steps.TrainStates:
         states = states.replace(**{name: state.replace(params=params)})
         logging.info("%s: PyTorch LSD-seg weights from %s", name.upper(), path)
     return states
+
+
+def _same_structure(saved: dict, like: dict, source: str) -> dict:
+    """`saved` as arrays shaped, typed and nested like `like`, or a ConfigError naming the
+    first difference (another width, class count or network)."""
+    keystr = jax.tree_util.keystr
+    saved_leaves = dict(jax.tree_util.tree_leaves_with_path(saved))
+    like_leaves = dict(jax.tree_util.tree_leaves_with_path(like))
+    expected = "expected a run of the same network (model.width, num_classes)"
+    for path in sorted(set(saved_leaves) ^ set(like_leaves), key=keystr):
+        which = "only the saved F" if path in saved_leaves else "only this run's F"
+        raise ConfigError(f"{source}: {keystr(path)} is in {which}; {expected}")
+    for path, leaf in like_leaves.items():
+        if saved_leaves[path].shape != leaf.shape:
+            raise ConfigError(f"{source}: {keystr(path)} has shape {saved_leaves[path].shape}, "
+                              f"this run's F {leaf.shape}; {expected}")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(saved_leaves[path], leaf.dtype), like)
 
 
 def initial_states(config, programs: Programs) -> steps.TrainStates:
@@ -469,7 +511,7 @@ def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None
     checkpoint.check_workdir(workdir)
     checkpoint.check_compatible(workdir, config)
     if not checkpoint.saved_steps(workdir):  # a fresh start reads config.init's weights
-        check_weight_files(config)
+        check_weight_files(config, workdir)
     programs = programs or build_programs(config)  # compiles nothing yet
     _check_programs(programs, config)
     check_batch_sizes(config, programs.mesh, eval_fields)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -200,3 +201,85 @@ def test_the_oracle_trains_on_the_target_as_later_overrides_leave_it():
 def test_console_line_is_readable():
     line = train.console_line(150, 300, {"f/seg": 1234.5, "d/loss": 2.25, "x": 1}, "lsd", 2.0)
     assert line == "step 150/300  f/seg 1234  d/loss 2.25  2.00 steps/s  ETA 1m15s"
+
+
+# ----------------------------------------------------------------------------- init.f_workdir
+
+def save_states(workdir, states, step):
+    manager = checkpoint.make_manager(str(workdir), asynchronous=False)
+    checkpoint.save(manager, step, states, jax.random.key(0))
+    manager.close()
+
+
+def states_with_f(programs, f_state):
+    return programs.init(jax.random.key(9)).replace(f=f_state)
+
+
+def test_a_run_starts_from_the_f_of_another_runs_checkpoint(tmp_path):
+    """An LSD run starting from a source-only run's checkpoint (a different method, so other
+    networks and optimizer states) takes that F's parameters and nothing else."""
+    pretrained = tiny_programs("source_only").init(jax.random.key(7)).f
+    pretrained = pretrained.replace(params=jax.tree.map(lambda p: p + 0.5, pretrained.params))
+    save_states(tmp_path / "pre", tiny_programs("source_only").init(jax.random.key(8)), 10)
+    save_states(tmp_path / "pre", states_with_f(tiny_programs("source_only"), pretrained), 20)
+
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.init.f_workdir = str(tmp_path / "pre")
+    programs = tiny_programs()
+    fresh = train.initial_states(tiny_config(str(tmp_path / "tfds")), programs)
+    started = train.initial_states(config, programs)
+    for got, expected in zip(jax.tree.leaves(started.f.params), jax.tree.leaves(pretrained.params)):
+        np.testing.assert_array_equal(got, expected)
+    for name in ("g", "d"):  # untouched: as a fresh start makes them
+        for got, expected in zip(jax.tree.leaves(getattr(started, name).params),
+                                 jax.tree.leaves(getattr(fresh, name).params)):
+            np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(jax.tree.leaves(started.f.opt_state),  # fresh optimizer state
+                             jax.tree.leaves(fresh.f.opt_state)):
+        np.testing.assert_array_equal(got, expected)
+
+    config.init.f_step = 10  # an earlier checkpoint when asked for
+    earlier = train.initial_states(config, programs)
+    assert not np.array_equal(jax.tree.leaves(earlier.f.params)[0],
+                              jax.tree.leaves(started.f.params)[0])
+
+
+def test_a_pretrained_f_of_another_network_is_refused_naming_the_tensor(tmp_path):
+    wide = tiny_config(str(tmp_path / "tfds"), "source_only")
+    wide.model.width = 1 / 8
+    save_states(tmp_path / "pre", train.build_programs(wide).init(jax.random.key(0)), 5)
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.init.f_workdir = str(tmp_path / "pre")
+    with pytest.raises(errors.ConfigError,
+                       match=r"F of step 5 in .*pre': \['params'\]\['conv1_1'\]\['bias'\] has "
+                             r"shape \(8,\), this run's F \(4,\); expected a run of the same "
+                             r"network"):
+        train.initial_states(config, tiny_programs())
+
+
+@pytest.mark.parametrize("init, message", [
+    ({"f_workdir": "{tmp}/none"}, r"f_workdir='.*none': no checkpoint there"),
+    ({"f_workdir": "{tmp}/run"}, r"is this run's own workdir"),
+    ({"f_workdir": "{tmp}/pre", "f_step": 3}, r"f_step=3: '.*pre' has checkpoints of steps \[5\]"),
+])
+def test_a_missing_pretrained_run_is_refused_before_anything_is_written(tmp_path, init, message):
+    save_states(tmp_path / "pre", tiny_programs("source_only").init(jax.random.key(0)), 5)
+    config = tiny_config(str(tmp_path / "tfds"))
+    for field, value in init.items():
+        config.init[field] = value.format(tmp=tmp_path) if isinstance(value, str) else value
+    with pytest.raises(errors.ConfigError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"), programs=tiny_programs())
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("init, message", [
+    ({"torch_f": "f.pth", "f_workdir": "runs/pre"},
+     r"config.init.torch_f and config.init.f_workdir both give F's weights: set one"),
+    ({"f_step": 4}, r"config.init.f_step=4 is set without config.init.f_workdir"),
+])
+def test_conflicting_initialisations_are_refused(tmp_path, init, message):
+    config = tiny_config(str(tmp_path / "tfds"))
+    for field, value in init.items():
+        config.init[field] = value
+    with pytest.raises(errors.ConfigError, match=message):
+        train.check_config(config)
