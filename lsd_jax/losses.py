@@ -49,6 +49,12 @@ def domain_ce(logits: jax.Array, domain: int, reduction: str = "sum") -> jax.Arr
     return ce2d(logits, labels, reduction)
 
 
+def domain_accuracy(logits: jax.Array, domain: int) -> jax.Array:
+    """Fraction of D's patches whose most likely of the four domain classes is `domain`: how
+    often D is right about one kind of input (a diagnostic of the adversarial game)."""
+    return jnp.mean(jnp.argmax(logits, axis=-1) == domain)
+
+
 def l1(image: jax.Array, target: jax.Array) -> jax.Array:
     """Mean absolute error between G's image and the real image, both in [0, 1]."""
     return jnp.mean(jnp.abs(at_least_float32(image) - at_least_float32(target)))

@@ -248,7 +248,10 @@ def d_loss(nets, d_params, generated, batch, keys) -> tuple[jax.Array, Metrics]:
         "target_fake": losses.domain_ce(fake_t, losses.TARGET_FAKE, red),
     }
     loss = sum(terms.values())
-    return loss, {"loss": loss, **terms}
+    accuracy = {f"acc_{name}": losses.domain_accuracy(logits, label) for name, logits, label in (
+        ("source_real", real_s, losses.SOURCE_REAL), ("source_fake", fake_s, losses.SOURCE_FAKE),
+        ("target_real", real_t, losses.TARGET_REAL), ("target_fake", fake_t, losses.TARGET_FAKE))}
+    return loss, {"loss": loss, **terms, **accuracy}
 
 
 def g_loss(nets, g_params, d_params, features, batch, keys) -> tuple[jax.Array, Metrics]:

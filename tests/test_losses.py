@@ -67,6 +67,15 @@ def test_domain_labels_and_domain_ce():
                                torch_ce(logits, full, "sum") / logits.shape[0], rtol=1e-5)
 
 
+
+def test_domain_accuracy_counts_patches_whose_top_class_is_the_domain():
+    logits = np.zeros((2, 1, 3, 4), np.float32)
+    logits[0, 0, :, losses.TARGET_REAL] = 1  # 3 patches right
+    logits[1, 0, 0, losses.TARGET_REAL] = 1  # 1 right
+    logits[1, 0, 1:, losses.SOURCE_FAKE] = 1  # 2 wrong
+    assert float(losses.domain_accuracy(jnp.asarray(logits), losses.TARGET_REAL)) == pytest.approx(4 / 6)
+    assert float(losses.domain_accuracy(jnp.asarray(logits), losses.SOURCE_FAKE)) == pytest.approx(2 / 6)
+
 def test_l1_is_mean_absolute_error():
     a, b = np.random.default_rng(0).random((2, 2, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(losses.l1(jnp.asarray(a), jnp.asarray(b)),

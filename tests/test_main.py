@@ -77,8 +77,8 @@ def test_train_then_eval_end_to_end(tmp_path):
 
     scalars, images = event_tags(workdir)
     for tag in ("f/seg", "f/adv", "f/aux", "f/grad_norm", "g/l1", "g/adv", "g/grad_norm",
-                "d/loss", "d/source_real", "d/grad_norm", "lr/f", "lr/f_bias", "lr/g_d",
-                "steps_per_sec", "selection/miou", "selection/iou/road"):
+                "d/loss", "d/source_real", "d/acc_target_fake", "d/grad_norm", "lr/f",
+                "lr/f_bias", "lr/g_d", "steps_per_sec", "selection/miou", "selection/iou/road"):
         assert tag in scalars, f"{tag} missing from the summaries: {sorted(scalars)}"
     assert all(v > 0 for v in scalars["f/seg"]) and len(scalars["f/seg"]) == 2
     assert 0 <= scalars["selection/miou"][0] <= 1
