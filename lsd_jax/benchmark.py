@@ -15,6 +15,11 @@ exactly as `python -m lsd_jax.main` would. Any variant the config file accepts c
 data.eval, and data.source of target_only), so the whole benchmark sees the same shifted target.
 `--config.x.y=v` overrides any config field of every run, as with lsd_jax.main.
 
+`--pretrain VARIANT` runs that variant first for each seed (in `<workdir>/<VARIANT>/seed<k>/`,
+a row of the table like any other) and starts every listed variant's F from its final
+checkpoint (`config.init.f_workdir`): a pre-training phase that all methods share, as LSD-seg
+starts from pretrained weights and ADDA and FCAN from a source-trained network.
+
 Resumable: re-running the same command continues where it stopped. A run whose final results
 (`results/eval_step_<num_steps>.json`) exist is finished and never trained or evaluated again;
 an unfinished one resumes from its latest checkpoint. `<workdir>/benchmark.json` records the
@@ -81,6 +86,12 @@ class Options:
     baseline: str = DEFAULT_BASELINE
     oracle: str = DEFAULT_ORACLE
     num_pictures: int = 4
+    pretrain: str | None = None  # variant run first per seed; the others' F starts from it
+
+    @property
+    def all_variants(self) -> tuple[str, ...]:
+        """Every variant trained, in order: the pre-training one first."""
+        return ((self.pretrain,) if self.pretrain else ()) + self.variants
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,6 +116,9 @@ def _argument_parser() -> argparse.ArgumentParser:
                         help="variant that 'gap closed' starts from (0 %%)")
     parser.add_argument("--oracle", default=DEFAULT_ORACLE,
                         help="variant that 'gap closed' ends at (100 %%)")
+    parser.add_argument("--pretrain", metavar="VARIANT",
+                        help="variant run first for each seed; every other variant's F starts "
+                             "from its final checkpoint")
     parser.add_argument("--num_pictures", type=int, default=4,
                         help="target validation scenes in predictions.png (0 = no picture)")
     return parser
@@ -163,10 +177,14 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise BenchmarkError(f"--seeds {args.seeds}: expected at least 1")
     if args.num_pictures < 0:
         raise BenchmarkError(f"--num_pictures {args.num_pictures}: expected 0 or more")
+    variants = parse_variants(args.variants)
+    if args.pretrain is not None and args.pretrain in variants:
+        raise BenchmarkError(f"--pretrain {args.pretrain} is also in --variants: a variant "
+                             "cannot start from its own run")
     if ":" in os.path.basename(args.config):
         raise BenchmarkError(f"--config {args.config}: give the file alone and the variants "
                              "with --variants")
-    return Options(config_file=args.config, variants=parse_variants(args.variants),
+    return Options(config_file=args.config, variants=variants, pretrain=args.pretrain,
                    seeds=args.seeds, workdir=args.workdir,
                    target_overrides=parse_target_overrides(args.target),
                    config_overrides=tuple(config_overrides), baseline=args.baseline,
@@ -304,12 +322,20 @@ def seeded(config, seed_index: int):
     return config
 
 
+def run_config(options: Options, configs: Mapping[str, Any], variant: str, seed_index: int):
+    """The config of one run: seeded, and started from the seed's pre-training run if any."""
+    config = seeded(configs[variant], seed_index)
+    if options.pretrain and variant != options.pretrain:
+        config.init.f_workdir = run_dir(options.workdir, options.pretrain, seed_index)
+    return config
+
+
 def resolve_configs(options: Options) -> dict[str, Any]:
     """{variant: its config with every override, for seed index 0}; every bad input (missing
     file, unknown variant, unknown --config or --target field) is reported here, before any
     training."""
     module = load_config_module(options.config_file)
-    configs = {v: variant_config(module, options.config_file, v) for v in options.variants}
+    configs = {v: variant_config(module, options.config_file, v) for v in options.all_variants}
     for config in configs.values():
         apply_config_overrides(config, options.config_overrides)
     if options.target_overrides:
@@ -361,6 +387,7 @@ def make_record(options: Options, configs: Mapping[str, Any]) -> dict:
         "target_overrides": dict(options.target_overrides),
         "config_overrides": sorted(options.config_overrides),
         "variants": list(options.variants),
+        "pretrain": options.pretrain,
         "seeds": options.seeds,
         "configs": {v: json_ready(c) for v, c in configs.items()},
     }
@@ -370,7 +397,7 @@ def record_conflict(saved: Mapping, new: Mapping) -> str | None:
     """What makes `new` another benchmark than `saved` (the first differing field), or None.
     More seeds or variants are the same benchmark; other settings, or another resolved config
     of a variant both have, are not."""
-    for field in ("config_file", "target_overrides", "config_overrides"):
+    for field in ("config_file", "target_overrides", "config_overrides", "pretrain"):
         if saved.get(field) != new.get(field):
             return f"{field} is {saved.get(field)!r} there but {new.get(field)!r} here"
     for variant in new["configs"]:
@@ -535,8 +562,8 @@ def run_all(options: Options, configs: Mapping[str, Any], programs_for, out: Tex
             ) -> dict[str, list[dict]]:
     """Train every run not finished yet, printing a line as each starts and finishes;
     {variant: [final summary of seed 0, 1, ...]}."""
-    order = run_order(options.variants, options.seeds)
-    summaries: dict[str, list[dict]] = {v: [None] * options.seeds for v in options.variants}
+    order = run_order(options.all_variants, options.seeds)
+    summaries: dict[str, list[dict]] = {v: [None] * options.seeds for v in options.all_variants}
     trained: list[tuple[str, float]] = []
     width = len(str(len(order)))
 
@@ -544,7 +571,7 @@ def run_all(options: Options, configs: Mapping[str, Any], programs_for, out: Tex
         print(line, file=out, flush=True)
 
     for index, (variant, k) in enumerate(order, 1):
-        config = seeded(configs[variant], k)
+        config = run_config(options, configs, variant, k)
         directory = run_dir(options.workdir, variant, k)
         tag = f"[{index:>{width}}/{len(order)}] {variant} seed {k}"
         summary = read_final_summary(directory, config.train.num_steps)
@@ -777,7 +804,7 @@ def write_prediction_grid(options: Options, configs: Mapping[str, Any], programs
                                    options.num_pictures)
     count, labels = examples["count"], examples["labels"]
     predictions = {}
-    for variant in options.variants:
+    for variant in options.all_variants:
         config = configs[variant]
         try:
             maps = restored_predictions(config, run_dir(options.workdir, variant, 0),

@@ -216,6 +216,11 @@ def test_a_results_file_cut_short_is_not_a_finished_run(tmp_path):
     (["--config", "configs/synthetic.py", "--config.train.num_stepz=3"],
      "--config.train.num_stepz=3: no such config field: 'num_stepz' Did you mean \"num_steps\""),
     (["--config", "configs/synthetic.py", "--seeds", "0"], "--seeds 0: expected at least 1"),
+    (["--config", "configs/synthetic.py", "--variants", "source_only,lsd", "--pretrain",
+      "source_only"], "--pretrain source_only is also in --variants: a variant cannot start "
+     "from its own run"),
+    (["--config", "configs/synthetic.py", "--variants", "lsd", "--pretrain", "bogus"],
+     "unknown variant 'bogus' for configs/synthetic.py"),
 ])
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(REPO_ROOT)
@@ -293,10 +298,12 @@ class TrainSpy:
     def __init__(self, interrupt_at_call=None):
         self.real = train.train_and_evaluate
         self.calls = []
+        self.f_workdirs = []  # config.init.f_workdir of each call
         self.interrupt_at_call = interrupt_at_call
 
     def __call__(self, config, workdir, **kwargs):
         self.calls.append(os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))))
+        self.f_workdirs.append(config.init.f_workdir)
         if len(self.calls) == self.interrupt_at_call:
             half = config.copy_and_resolve_references()
             half.train.num_steps = config.train.num_steps // 2
@@ -453,3 +460,27 @@ def test_more_seeds_train_only_the_new_runs(finished_benchmark, tmp_path, capsys
     with open(os.path.join(workdir, benchmark.RECORD_FILE)) as f:
         record = json.load(f)
     assert record["seeds"] == 3 and record["variants"] == list(VARIANTS)
+
+
+def test_pretraining_runs_first_and_every_variant_starts_from_it(finished_benchmark, tmp_path,
+                                                                  capsys):
+    options, _, _ = finished_benchmark
+    pretrained = benchmark.Options(
+        config_file=options.config_file, variants=("source_only_noflip", "target_only"),
+        pretrain="source_only", seeds=1, workdir=str(tmp_path / "bench"),
+        config_overrides=options.config_overrides, num_pictures=0)
+    spy = TrainSpy()
+    out = run_with_spy(spy, pretrained, capsys)
+    pre = benchmark.run_dir(pretrained.workdir, "source_only", 0)
+    assert spy.calls == [os.path.join(v, "seed0") for v in pretrained.all_variants]
+    assert spy.f_workdirs == [None, pre, pre]
+    assert "[1/3] source_only seed 0: starting" in out
+    with open(os.path.join(pretrained.workdir, "results.json")) as f:
+        assert list(json.load(f)["variants"]) == ["source_only", "source_only_noflip",
+                                                  "target_only"]
+
+    # Pre-trained or not, or from another variant, is another benchmark.
+    assert benchmark.main(["--config", options.config_file, "--variants",
+                           "source_only_noflip,target_only", "--workdir", options.workdir,
+                           "--pretrain", "source_only", *options.config_overrides]) == 1
+    assert "(pretrain is None there but 'source_only' here)" in capsys.readouterr().err
