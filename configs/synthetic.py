@@ -3,6 +3,8 @@
     python -m lsd_jax.main --config configs/synthetic.py --workdir runs/demo
     python -m lsd_jax.main --config configs/synthetic.py:source_only --workdir runs/demo_so
     python -m lsd_jax.main --config configs/synthetic.py:target_only --workdir runs/demo_oracle
+    python -m lsd_jax.benchmark --config configs/synthetic.py --pretrain pretrain \
+        --variants source_only,lsd,target_only --seeds 3 --workdir runs/bench_pretrained
 
 Source: `synthetic_scenes/source` (flat "game" colours); target: `synthetic_scenes/target`
 (photographic colours, lighting, texture, noise, blur), both 128x256, generated on first use
@@ -22,9 +24,13 @@ import ml_collections
 from lsd_jax.config_files import load_sibling
 
 HELD_OUT = 100  # target train scenes kept for model selection (of 1,000)
+VARIANTS = ("lsd", "source_only", "target_only", "pretrain")
 
 
 def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"config argument {variant!r}: expected one of {VARIANTS} (as in "
+                         "--config configs/synthetic.py:source_only)")
     default = load_sibling(__file__)
     config = default.get_config()
     # 1/16 width: per unit of wall time it learns faster than 1/8 on a 2-core CPU (about 2x the
@@ -54,4 +60,13 @@ def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     config.train.image_every = 600
     config.train.eval_every = 200
     config.checkpoint.every = 600
+    if variant == "pretrain":
+        # The source-only pre-training phase the benchmark's variants can start from
+        # (`python -m lsd_jax.benchmark ... --pretrain pretrain`): F+C on source labels alone,
+        # longer, as LSD-seg starts from pretrained weights.
+        config.train.num_steps = 1500
+        config.optim.lr_decay_steps = 1200
+        config.train.eval_every = config.checkpoint.every = 500
+        config.train.image_every = 1500
+        return default.apply_variant(config, "source_only")
     return default.apply_variant(config, variant)

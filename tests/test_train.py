@@ -175,7 +175,7 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
 
 @pytest.mark.parametrize("name, variant", [("default", "")] + [
     (name, variant) for name in ("synthetic", "gta", "synthia")
-    for variant in ("lsd", "source_only", "target_only")])
+    for variant in ("lsd", "source_only", "target_only")] + [("synthetic", "pretrain")])
 def test_every_config_and_variant_is_valid(name, variant):
     config = load_config_file(name, variant)
     train.check_config(config)
