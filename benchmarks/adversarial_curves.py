@@ -24,7 +24,7 @@ from tensorboard.util import tensor_util  # noqa: E402
 
 D_INPUTS = ("source_real", "source_fake", "target_real", "target_fake")
 PANELS = (("D's accuracy per input", [f"d/acc_{name}" for name in D_INPUTS]),
-          ("F's adversarial term (f/adv)", ["f/adv"]),
+          ("F's adversarial term (f/adv, log scale)", ["f/adv"]),
           ("G's L1 error (g/l1, both domains)", ["g/l1"]),
           ("selection mIoU", ["selection/miou"]))
 
@@ -72,6 +72,8 @@ def main():
                         label=f"{label} {name}".strip())
                 print(f"{label:>8} {tag:<20} " + " ".join(
                     f"{int(s)}:{v:.4g}" for s, v in zip(steps, values)))
+        if tags == ["f/adv"]:  # summed and averaged losses differ by the number of patches
+            ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
