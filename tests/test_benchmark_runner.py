@@ -250,6 +250,7 @@ def test_a_workdir_that_is_no_benchmark_is_refused(tmp_path, capsys):
     assert "not a benchmark workdir; use a new --workdir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_module_runs_as_a_program_and_exits_1_on_bad_input(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lsd_jax.benchmark", "--config", "configs/synthetic.py",
@@ -353,6 +354,7 @@ def finished_benchmark(tmp_path_factory):
     return options, outputs, spies
 
 
+@pytest.mark.slow
 def test_an_interrupted_benchmark_resumes_and_a_finished_one_trains_nothing(finished_benchmark):
     options, outputs, spies = finished_benchmark
     order = [os.path.join(v, f"seed{k}") for k in range(2) for v in VARIANTS]
@@ -373,6 +375,7 @@ def test_an_interrupted_benchmark_resumes_and_a_finished_one_trains_nothing(fini
     assert outputs[2].count("finished before") == 6
 
 
+@pytest.mark.slow
 def test_the_resumed_run_continued_from_its_checkpoint(finished_benchmark):
     options, _, _ = finished_benchmark
     from lsd_jax import checkpoint
@@ -383,6 +386,7 @@ def test_the_resumed_run_continued_from_its_checkpoint(finished_benchmark):
     manager.close()
 
 
+@pytest.mark.slow
 def test_tables_and_pictures_agree_with_every_runs_results(finished_benchmark):
     options, _, _ = finished_benchmark
     workdir = options.workdir
@@ -426,6 +430,7 @@ def test_tables_and_pictures_agree_with_every_runs_results(finished_benchmark):
     assert record["configs"]["source_only_noflip"]["data"]["source"]["flip"] is False
 
 
+@pytest.mark.slow
 def test_another_config_in_the_same_workdir_is_refused_naming_the_field(finished_benchmark,
                                                                         capsys):
     options, _, _ = finished_benchmark
@@ -444,6 +449,7 @@ def test_another_config_in_the_same_workdir_is_refused_naming_the_field(finished
     assert final_json_mtimes(options.workdir) == before
 
 
+@pytest.mark.slow
 def test_more_seeds_train_only_the_new_runs(finished_benchmark, tmp_path, capsys):
     options, _, _ = finished_benchmark
     workdir = str(tmp_path / "bench")
@@ -462,6 +468,7 @@ def test_more_seeds_train_only_the_new_runs(finished_benchmark, tmp_path, capsys
     assert record["seeds"] == 3 and record["variants"] == list(VARIANTS)
 
 
+@pytest.mark.slow
 def test_pretraining_runs_first_and_every_variant_starts_from_it(finished_benchmark, tmp_path,
                                                                   capsys):
     options, _, _ = finished_benchmark

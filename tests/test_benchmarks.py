@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from train_helpers import REPO_ROOT, subprocess_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
@@ -43,6 +45,7 @@ def test_hlo_ops_are_described_by_their_jax_op_or_root():
     assert "dot.2" not in step_time.describe_hlo_ops([HLO, HLO])
 
 
+@pytest.mark.slow
 def test_step_time_runs_and_profiles_a_tiny_iteration(tmp_path):
     out = tmp_path / "rows.jsonl"
     subprocess.run(

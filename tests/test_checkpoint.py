@@ -25,6 +25,7 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(data_dir, tmp_path):
     """4 steps straight through == 2 steps, stop, resume to 4 (same seed, CPU)."""
     programs = tiny_programs()
@@ -73,6 +74,7 @@ os._exit(0)  # killed while step 2 is written in the background
 """
 
 
+@pytest.mark.slow
 def test_a_save_interrupted_at_any_moment_leaves_a_restorable_workdir(tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(textwrap.dedent(KILLED_MID_SAVE))
@@ -155,6 +157,7 @@ def counting_steps(programs):
     return dataclasses.replace(programs, updates=programs.updates._replace(step=step)), calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_a_failed_save_stops_the_run_at_once_naming_the_last_good_checkpoint(
         data_dir, tmp_path, monkeypatch, asynchronous):
@@ -185,6 +188,7 @@ def test_a_failed_save_stops_the_run_at_once_naming_the_last_good_checkpoint(
     assert checkpoint.saved_steps(workdir) == [2]
 
 
+@pytest.mark.slow
 def test_ctrl_c_as_a_save_begins_completes_that_save_and_stops(data_dir, tmp_path, monkeypatch):
     start_save = checkpoint.save
 

@@ -39,6 +39,7 @@ def test_map_ids_and_colorize():
     assert picture[0, 0].tolist() == [128, 64, 128] and picture[0, 1].tolist() == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_classes_and_package_import_without_tensorflow():
     code = ("import sys, lsd_jax.data, lsd_jax.data.classes, lsd_jax.data.scenes; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")

@@ -308,6 +308,7 @@ def test_prediction_pngs_are_colourised(tmp_path):
     np.testing.assert_array_equal(pixels[1], [CITYSCAPES_COLORS[18], [0, 0, 0]])
 
 
+@pytest.mark.slow
 def test_evaluate_imports_without_tensorflow():
     code = ("import sys, lsd_jax.evaluate, lsd_jax.visualize, lsd_jax.distributed; "
             "sys.exit('tensorflow' in sys.modules)")

@@ -34,6 +34,8 @@ from lsd_jax import steps
 from lsd_jax.models import Discriminator, FCN8s, Generator
 from lsd_jax.models import layers
 
+pytestmark = pytest.mark.slow  # compiled and eager gradients of whole networks, float64 included
+
 TOLERANCE = 1e-3  # of the largest element of each gradient tensor
 HEIGHT, WIDTH, CLASSES = 64, 64, 19
 # Network width multiplier. Whether XLA recomputes a value for the backward pass depends on

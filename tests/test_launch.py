@@ -200,6 +200,7 @@ def test_slurm_script_outside_a_job_says_so():
 
 # --- jax.distributed --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_single_process_without_configuration_is_a_no_op():
     code = ("import jax; from lsd_jax.distributed import initialize_distributed; "
             "print(initialize_distributed(), jax.process_count())")
@@ -251,6 +252,7 @@ print("RESULT " + json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_two_processes_start_jax_distributed_and_agree(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

@@ -13,6 +13,8 @@ import pytest
 
 from train_helpers import REPO_ROOT, TINY_SCENES, load_config_file
 
+pytestmark = pytest.mark.slow  # every test runs `python -m lsd_jax.main` in a subprocess
+
 
 def run_main(*args, env=None, timeout=600):
     """python -m lsd_jax.main with one CPU device (conftest's 8 would not divide the batch)."""

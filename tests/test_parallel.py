@@ -24,6 +24,8 @@ import pytest
 
 from train_helpers import REPO_ROOT, free_port, subprocess_env
 
+pytestmark = pytest.mark.slow  # simulated-device subprocesses and two-process runs
+
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 GLOBAL_BATCH, STEPS = 8, 2
 

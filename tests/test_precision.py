@@ -23,6 +23,8 @@ import pytest
 from configs import default
 from lsd_jax import steps
 
+pytestmark = pytest.mark.slow  # a bfloat16 training subprocess
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 BF16_STEPS = 6

@@ -16,6 +16,7 @@ from train_helpers import (REPO_ROOT, free_port, load_config_file, subprocess_en
                            tiny_programs)
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_checkpoint(
         tmp_path):
     programs = tiny_programs()
@@ -141,6 +142,7 @@ manager.close()
 """
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
     """SLURM or Cloud TPU may signal any process first: JAX's preemption sync, through
     orbax's reached_preemption, makes every process stop (and save) at the same step."""
