@@ -225,18 +225,25 @@ def available_steps(manager: ocp.CheckpointManager) -> list[int]:
     return sorted(manager.all_steps())
 
 
+def _chosen_step(manager: ocp.CheckpointManager, step: int | None) -> int | None:
+    """`step` if the manager holds it (CheckpointMissingError if not), else the latest step;
+    None when the manager holds no checkpoint and no step was asked for."""
+    steps = available_steps(manager)
+    if step is None:
+        return steps[-1] if steps else None
+    if step not in steps:
+        raise CheckpointMissingError(f"no checkpoint of step {step} in {manager.directory}; "
+                                     f"the checkpoints there are of steps {steps or 'none'}")
+    return step
+
+
 def restore(manager: ocp.CheckpointManager, like_states, like_key: jax.Array,
             step: int | None = None) -> Restored | None:
     """The checkpoint of `step` (the latest when None), shaped and placed like `like_states`;
     None when the manager holds no checkpoint and no step was asked for."""
-    steps = available_steps(manager)
+    step = _chosen_step(manager, step)
     if step is None:
-        if not steps:
-            return None
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointMissingError(f"no checkpoint of step {step} in {manager.directory}; "
-                                     f"the checkpoints there are of steps {steps or 'none'}")
+        return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(like_states, like_key))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -255,15 +262,10 @@ def read_network(workdir: str, name: str, step: int | None = None) -> tuple[int,
     """
     manager = make_manager(workdir, None, asynchronous=False, read_only=True)
     try:
-        steps = available_steps(manager)
-        if not steps:
+        step = _chosen_step(manager, step)
+        if step is None:
             raise CheckpointMissingError(f"{workdir!r} holds no checkpoint (expected the workdir "
                                          "of a run that has saved one)")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointMissingError(f"no checkpoint of step {step} in {workdir!r}; the "
-                                         f"checkpoints there are of steps {steps}")
         saved = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore())).state["states"]
     finally:

@@ -316,9 +316,10 @@ def _same_structure(saved: dict, like: dict, source: str) -> dict:
     saved_leaves = dict(jax.tree_util.tree_leaves_with_path(saved))
     like_leaves = dict(jax.tree_util.tree_leaves_with_path(like))
     expected = "expected a run of the same network (model.width, num_classes)"
-    for path in sorted(set(saved_leaves) ^ set(like_leaves), key=keystr):
-        which = "only the saved F" if path in saved_leaves else "only this run's F"
-        raise ConfigError(f"{source}: {keystr(path)} is in {which}; {expected}")
+    unmatched = sorted(set(saved_leaves) ^ set(like_leaves), key=keystr)
+    if unmatched:
+        which = "only the saved F" if unmatched[0] in saved_leaves else "only this run's F"
+        raise ConfigError(f"{source}: {keystr(unmatched[0])} is in {which}; {expected}")
     for path, leaf in like_leaves.items():
         if saved_leaves[path].shape != leaf.shape:
             raise ConfigError(f"{source}: {keystr(path)} has shape {saved_leaves[path].shape}, "
