@@ -83,7 +83,10 @@ class StopSignals:
     SIGINT (Ctrl-C) stops the run at once (KeyboardInterrupt), except inside `deferred()`
     blocks, where it takes effect when the block ends. Checkpoint saves and the closing of the
     checkpoint manager run in such blocks: orbax interrupted between starting its background
-    write and registering it leaves a thread that keeps the process from ever exiting. A second
+    write and registering it leaves a thread that keeps the process from ever exiting. So do
+    the flushes of the summary writer, which join its thread: Python 3.11's Thread.join,
+    interrupted, marks a thread that is still running as finished, and the writer would then be
+    closed under a write in progress (a WriteSummary error in the log). A second
     Ctrl-C inside such a block abandons the save: the process exits at once with status 130, and
     the half-written checkpoint is ignored (and removed by the next run).
 
@@ -96,6 +99,7 @@ class StopSignals:
         self._terminated = False  # SIGTERM received by this (single) process
         self._deferring = 0  # depth of nested deferred() blocks
         self._interrupt_pending = False
+        self._activities: list[str] = []  # what each open deferred() block waits for
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -116,13 +120,16 @@ class StopSignals:
         return reached or self._terminated
 
     @contextlib.contextmanager
-    def deferred(self):
-        """A block that Ctrl-C does not cut short (see the class docstring)."""
+    def deferred(self, activity: str = "the checkpoint save"):
+        """A block that Ctrl-C does not cut short (see the class docstring); `activity` names
+        what it waits for in the message a Ctrl-C inside it prints."""
+        self._activities.append(activity)
         self._deferring += 1
         try:
             yield
         finally:
             self._deferring -= 1
+            self._activities.pop()
         if not self._deferring and self._interrupt_pending:
             self._interrupt_pending = False
             raise KeyboardInterrupt
@@ -136,8 +143,8 @@ class StopSignals:
         if not self._deferring:
             raise KeyboardInterrupt
         if self._interrupt_pending:
-            logging.warning("Second Ctrl-C: abandoning the checkpoint save in progress")
+            logging.warning("Second Ctrl-C: abandoning %s in progress", self._activities[0])
             os._exit(Interrupted.exit_code)
         self._interrupt_pending = True
-        logging.warning("Ctrl-C: stopping once the checkpoint save in progress is complete "
-                        "(Ctrl-C again to abandon it)")
+        logging.warning("Ctrl-C: stopping once %s in progress is complete (Ctrl-C again to "
+                        "abandon it)", self._activities[0])

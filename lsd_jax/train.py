@@ -556,11 +556,19 @@ def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None
     return result
 
 
+def flush_summaries(writer, stop: distributed.StopSignals) -> None:
+    """writer.flush(), which Ctrl-C does not cut short: the asynchronous writer's flush joins its
+    thread, and an interrupted join would let the writer be closed under a write in progress
+    (see StopSignals)."""
+    with stop.deferred("the summary write"):
+        writer.flush()
+
+
 def _close(saver: checkpoint.Saver, writer, stop: distributed.StopSignals) -> bool:
     """Completes the save in flight (SaveFailedError if it fails) and closes the checkpoint
     manager and the writer, which Ctrl-C does not cut short; returns whether Ctrl-C came."""
     try:
-        with stop.deferred():
+        with stop.deferred("the checkpoint save and the summary write"):
             try:
                 saver.close()
             finally:
@@ -658,7 +666,7 @@ def _train_loop(config, workdir, programs: Programs, saver: checkpoint.Saver,
             _write_selection(workdir, done, summary, selection)
             logging.info("step %d: selection mIoU %s %% on %s:%s", done,
                          format_percent(summary["miou"]), summary["dataset"], summary["split"])
-        writer.flush()
+        flush_summaries(writer, stop)
         if preempted:
             with stop.deferred():
                 saver.finish()

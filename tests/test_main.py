@@ -303,4 +303,4 @@ def test_ctrl_c_stops_at_once_and_names_the_last_good_checkpoint(tmp_path, signa
                      rf"in {workdir}/checkpoints$", log, re.MULTILINE)
     assert last, log[-3000:]
     assert last[1] in os.listdir(os.path.join(workdir, "checkpoints"))
-    assert "Traceback" not in log
+    assert "Traceback" not in log, log[-3000:]

@@ -5,11 +5,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clu import metric_writers
 
 from lsd_jax import checkpoint, distributed, errors, parallel, train
 from train_helpers import (REPO_ROOT, free_port, load_config_file, subprocess_env, tiny_config,
@@ -119,6 +121,42 @@ def test_sigterm_on_one_process_means_stop_at_the_next_step():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.preempted(2)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+class SlowSummaries(metric_writers.MetricWriter):
+    """A writer whose writes take a while and which records what happened in which order."""
+
+    def __init__(self):
+        self.events = []
+
+    def write_scalars(self, step, scalars):
+        time.sleep(0.5)
+        self.events.append(f"wrote {step}")
+
+    def flush(self):
+        self.events.append("flushed")
+
+    def close(self):
+        self.events.append("closed")
+
+    write_summaries = write_images = write_videos = write_audios = write_texts = None
+    write_histograms = write_hparams = None
+
+
+def test_ctrl_c_during_a_summary_flush_lets_the_write_finish_first():
+    # The asynchronous writer's flush joins its thread; Python 3.11's Thread.join interrupted by
+    # Ctrl-C marks the still-running thread as finished, so the writer was closed under the
+    # write (a WriteSummary traceback at every unlucky Ctrl-C).
+    slow = SlowSummaries()
+    writer = metric_writers.AsyncWriter(slow)
+    with distributed.StopSignals() as stop:
+        writer.write_scalars(1, {"x": 1.0})
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            train.flush_summaries(writer, stop)
+        assert slow.events == ["wrote 1", "flushed"]
+        writer.close()
+    assert slow.events == ["wrote 1", "flushed", "flushed", "closed"]
 
 
 PREEMPTED_WORKER = """
