@@ -18,7 +18,10 @@ data.eval, and data.source of target_only), so the whole benchmark sees the same
 `--pretrain VARIANT` runs that variant first for each seed (in `<workdir>/<VARIANT>/seed<k>/`,
 a row of the table like any other) and starts every listed variant's F from its final
 checkpoint (`config.init.f_workdir`): a pre-training phase that all methods share, as LSD-seg
-starts from pretrained weights and ADDA and FCAN from a source-trained network.
+starts from pretrained weights and ADDA and FCAN from a source-trained network. To reuse
+another benchmark's pre-training runs instead (e.g. for another --target: source-only training
+never reads the target), name them with the seed index as "{seed}":
+`--config.init.f_workdir=runs/bench/pretrain/seed{seed}`.
 
 Resumable: re-running the same command continues where it stopped. A run whose final results
 (`results/eval_step_<num_steps>.json`) exist is finished and never trained or evaluated again;
@@ -322,11 +325,18 @@ def seeded(config, seed_index: int):
     return config
 
 
+SEED_FIELD = "{seed}"  # in --config.init.f_workdir: the seed index of the run
+
+
 def run_config(options: Options, configs: Mapping[str, Any], variant: str, seed_index: int):
-    """The config of one run: seeded, and started from the seed's pre-training run if any."""
+    """The config of one run: seeded, and started from the seed's pre-training run if any
+    (--pretrain, or --config.init.f_workdir with "{seed}" in it, e.g. another benchmark's
+    pre-training runs: runs/bench/pretrain/seed{seed})."""
     config = seeded(configs[variant], seed_index)
     if options.pretrain and variant != options.pretrain:
         config.init.f_workdir = run_dir(options.workdir, options.pretrain, seed_index)
+    elif config.init.f_workdir:
+        config.init.f_workdir = config.init.f_workdir.replace(SEED_FIELD, str(seed_index))
     return config
 
 
@@ -346,6 +356,10 @@ def resolve_configs(options: Options) -> dict[str, Any]:
                 checked_by_dataset[name] = check_target_overrides(
                     options.target_overrides, builder_config_fields(name), name)
             with_target_overrides(config, checked_by_dataset[name])
+    if options.pretrain and any(c.init.f_workdir for c in configs.values()):
+        raise BenchmarkError(f"--pretrain {options.pretrain} and --config.init.f_workdir both say "
+                             "where F starts: give one (--config.init.f_workdir=DIR/seed{seed} "
+                             "starts each seed from its own run in DIR)")
     return configs
 
 

@@ -1,4 +1,5 @@
 """The benchmark runner (`python -m lsd_jax.benchmark`): tables, resuming, refusing bad input."""
+import dataclasses
 import io
 import json
 import os
@@ -167,6 +168,20 @@ def test_seed_index_raises_both_seeds():
     assert benchmark.run_dir("w", "lsd", 2) == os.path.join("w", "lsd", "seed2")
 
 
+def test_f_workdir_with_seed_names_each_seeds_own_run():
+    options = benchmark.Options(config_file=SYNTHETIC, variants=("lsd", "source_only"), seeds=2,
+                                workdir="w", config_overrides=(
+                                    "--config.init.f_workdir=runs/b/pretrain/seed{seed}",))
+    configs = benchmark.resolve_configs(options)
+    assert [benchmark.run_config(options, configs, v, k).init.f_workdir
+            for v in ("lsd", "source_only") for k in (0, 1)] == [
+        "runs/b/pretrain/seed0", "runs/b/pretrain/seed1"] * 2
+    assert configs["lsd"].init.f_workdir == "runs/b/pretrain/seed{seed}"  # as recorded
+    fixed = dataclasses.replace(options, config_overrides=("--config.init.f_workdir=runs/pre",))
+    configs = benchmark.resolve_configs(fixed)
+    assert benchmark.run_config(fixed, configs, "lsd", 1).init.f_workdir == "runs/pre"
+
+
 def test_record_accepts_more_seeds_and_variants_and_names_what_differs():
     options = benchmark.Options(config_file=SYNTHETIC, variants=("lsd",), seeds=2, workdir="w",
                                 config_overrides=("--config.train.num_steps=5",))
@@ -221,6 +236,9 @@ def test_a_results_file_cut_short_is_not_a_finished_run(tmp_path):
      "from its own run"),
     (["--config", "configs/synthetic.py", "--variants", "lsd", "--pretrain", "bogus"],
      "unknown variant 'bogus' for configs/synthetic.py"),
+    (["--config", "configs/synthetic.py", "--variants", "lsd", "--pretrain", "source_only",
+      "--config.init.f_workdir=runs/pre"], "--pretrain source_only and --config.init.f_workdir "
+     "both say where F starts: give one"),
 ])
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(REPO_ROOT)
