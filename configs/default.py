@@ -1,4 +1,4 @@
-"""SPEC's reference hyperparameters, shared by every other config.
+"""The reference hyperparameters (docs/methods.md, sections 2-4), shared by every other config.
 
 Not meant to be run by itself: the experiment configs (gta.py, synthia.py, synthetic.py) start
 from this one and set the data and the sizes. (It does run: on the embedded benchmark at full
@@ -129,7 +129,8 @@ def get_config() -> ml_collections.ConfigDict:
     # ImageNet VGG16 weights for F's backbone (a Keras .h5/.keras file, see README); None = He
     # initialisation, which is only good for small experiments.
     config.init.vgg16_weights = placeholder(str)
-    # PyTorch LSD-seg state_dicts (reference parameter names, SPEC 2) to start F, G, D from.
+    # PyTorch LSD-seg state_dicts (reference parameter names: docs/methods.md, section 2) to
+    # start F, G, D from.
     config.init.torch_f = placeholder(str)
     config.init.torch_g = placeholder(str)
     config.init.torch_d = placeholder(str)

@@ -13,7 +13,7 @@ train images (labelled, left out of the target's training images), never the val
 
 Sized for: one accelerator with at least 40 GB per global batch of 1+1 images at 1024x512 (the
 reference's batch); scale data.batch_size with the number of chips. Reference hyperparameters
-(SPEC 4): ~98k iterations, F's lr x0.1 every 23,800.
+(docs/methods.md, section 4): ~98k iterations, F's lr x0.1 every 23,800.
 Expected result (published, VGG16 FCN-8s): LSD 37.1 mIoU, source-only about 29.6. Not yet
 reproduced by this project: no run of this config has been measured here.
 """

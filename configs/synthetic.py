@@ -61,13 +61,13 @@ def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     config.train.eval_every = 200
     config.checkpoint.every = 600
     if variant == "lsd":
-        # Deliberate deviation from the reference's summed losses (SPEC 3, kept in the other
-        # configs): averaged over pixels, G's L1 term (a mean) is no longer outweighed ~400x by
-        # its summed adversarial terms, so G learns to reconstruct, and F's adversarial terms
-        # carry weight beside its segmentation loss. On the selection slice, from the
-        # pre-trained F, 600 steps: 17.8% mIoU with "mean" against 12.9% with "sum" (source-only
-        # 13.0%); docs/benchmark.md. The baselines keep "sum" (Adam makes them nearly
-        # indifferent to a constant scale).
+        # Deliberate deviation from the reference's summed losses (docs/methods.md, section 3;
+        # kept in the other configs): averaged over pixels, G's L1 term (a mean) is no longer
+        # outweighed ~400x by its summed adversarial terms, so G learns to reconstruct, and F's
+        # adversarial terms carry weight beside its segmentation loss. On the selection slice,
+        # from the pre-trained F, 600 steps: 17.8% mIoU with "mean" against 12.9% with "sum"
+        # (source-only 13.0%); docs/benchmark.md. The baselines keep "sum" (Adam makes them
+        # nearly indifferent to a constant scale).
         config.loss.reduction = "mean"
     if variant == "pretrain":
         # The source-only pre-training phase the benchmark's variants can start from

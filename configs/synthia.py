@@ -1,5 +1,5 @@
 """SYNTHIA-RAND-CITYSCAPES -> Cityscapes: 16 classes trained and reported, plus the 13-class
-score of the same model (SPEC 5-6), at 1024x512.
+score of the same model (docs/methods.md, sections 5-6), at 1024x512.
 
     python -m lsd_jax.main --config configs/synthia.py --workdir runs/synthia \
         --config.init.vgg16_weights=/path/to/vgg16_weights_tf_dim_ordering_tf_kernels.h5

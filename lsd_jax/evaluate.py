@@ -1,4 +1,5 @@
-"""Evaluation: a streaming confusion matrix on device, IoU tables, and their writers (SPEC 6).
+"""Evaluation: a streaming confusion matrix on device, IoU tables, and their writers
+(docs/methods.md, section 6).
 
 The protocol: predict at the training scale, upsample the logits bilinearly to the label
 resolution, take the argmax, and add every image into one confusion matrix over the whole set.

@@ -1,4 +1,4 @@
-"""LSD's losses (SPEC section 3): pixel cross-entropy, L1, domain labels and aux labels.
+"""LSD's losses (docs/methods.md, section 3): pixel cross-entropy, L1, domain labels and aux labels.
 
 All reductions run in float32 (or wider) whatever the compute dtype of the logits.
 """

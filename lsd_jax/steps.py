@@ -1,4 +1,4 @@
-"""The LSD updates (SPEC sections 3-4) as pure functions, and their composition.
+"""The LSD updates (docs/methods.md, sections 3-4) as pure functions, and their composition.
 
 Each network has its own state (params + optax state). Each update is a pure function of its own
 state, the other networks' parameters, a batch and a step key:

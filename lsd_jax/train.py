@@ -10,10 +10,10 @@ Step keys: the run has one base key (from `config.seed`, saved in every checkpoi
 `step` uses `jax.random.fold_in(base_key, step)`. Together with the data stream restarting at
 the number of batches consumed, a resumed run continues exactly as an uninterrupted one.
 
-Model selection never looks at the target evaluation set (SPEC 6): the periodic evaluation
-during training runs on `data.selection` (source validation, or a held-out labelled slice of
-target train), and `data.eval` is only used for reporting (`--mode eval`, and once at the end of
-`--mode train_and_eval`).
+Model selection never looks at the target evaluation set (docs/methods.md, section 6): the
+periodic evaluation during training runs on `data.selection` (source validation, or a held-out
+labelled slice of target train), and `data.eval` is only used for reporting (`--mode eval`, and
+once at the end of `--mode train_and_eval`).
 
 Everything that can be checked before training is checked before anything is written to the
 workdir (config values named by field, training sizes, batch sizes against the devices, the
@@ -171,7 +171,7 @@ def check_batch_sizes(config, mesh: jax.sharding.Mesh, eval_fields: tuple[str, .
 
 
 def check_selection_is_not_eval(data) -> None:
-    """Model selection on the target evaluation set is what SPEC 6 rules out."""
+    """Model selection on the target evaluation set: what docs/methods.md, section 6 rules out."""
     if (data.selection.name, data.selection.split) == (data.eval.name, data.eval.split):
         raise ConfigError(
             f"config.data.selection is the evaluation set ({data.eval.name}, split "
@@ -423,7 +423,8 @@ def write_train_pictures(writer, step: int, config, programs: Programs, states, 
 # ----------------------------------------------------------------------------- evaluation
 
 def class_subsets(config) -> dict[str, list[int]]:
-    """Extra mIoUs to report: the SYNTHIA 13-class score of a 16-class model (SPEC 6)."""
+    """Extra mIoUs to report: the SYNTHIA 13-class score of a 16-class model
+    (docs/methods.md, section 6)."""
     if config.data.class_set == "synthia16":
         return {"13 classes": [classes.SYNTHIA_16.index(c) for c in classes.SYNTHIA_13]}
     return {}

@@ -16,9 +16,9 @@ mean differs from ours by less than 0.1 grey level), so they are copied without 
 channel order.
 
 PyTorch LSD-seg state_dicts (`import_torch_fcn8s`, `import_torch_generator`,
-`import_torch_discriminator`) use the reference parameter names of SPEC section 2. The name
-correspondence is one table per network (`TORCH_NAMES`), read in both directions: the exporter
-`flax_to_torch` writes our variables back under the reference names.
+`import_torch_discriminator`) use the reference parameter names of docs/methods.md, section 2.
+The name correspondence is one table per network (`TORCH_NAMES`), read in both directions: the
+exporter `flax_to_torch` writes our variables back under the reference names.
 """
 
 import dataclasses

@@ -16,7 +16,8 @@ from lsd_jax.data.datasets.synthia import Synthia, SynthiaConfig
 
 tfds.disable_progress_bar()
 
-# SPEC section 5, written out again here so that the tables are checked against the text.
+# docs/methods.md, section 5, written out again here so that the tables are checked against
+# the text.
 SPEC_CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SPEC_SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11,
@@ -265,7 +266,8 @@ def test_cityscapes_bad_inputs(cityscapes_dir, tmp_path):
 
 
 def test_spec_tables():
-    """Every id of SPEC's tables lands on its trainId; every other id on 255."""
+    """Every id of the tables in docs/methods.md, section 5 lands on its trainId; every other id
+    on 255."""
     for table, spec in ((classes.CITYSCAPES_LABELID_TO_TRAINID, SPEC_CITYSCAPES),
                         (classes.SYNTHIA_ID_TO_TRAINID, SPEC_SYNTHIA)):
         want = np.full(len(table), 255)

@@ -55,7 +55,8 @@ def test_shapes_match_spec(size, shapes):
 
 
 def test_generator_intermediate_sizes_match_spec():
-    """G's stages at 320x640: 17x27, 33x53, 65x105, 129x209, 257x417 (SPEC section 2)."""
+    """G's stages at 320x640: 17x27, 33x53, 65x105, 129x209, 257x417
+    (docs/methods.md, section 2)."""
     (_, g_vars, _), (f_out, _, _) = abstract_networks(320, 640)
     _, state = jax.eval_shape(
         lambda v, *a: Generator().apply(v, *a, train=False, capture_intermediates=True,

@@ -4,6 +4,8 @@ Tiny widths and 64x64 images; compiled functions are built once per module and r
 """
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -267,3 +269,67 @@ def test_bad_batches_are_named():
         u.d_update(*args({**batch, "source_image": batch["source_image"][..., :2]}))
     with pytest.raises(ValueError, match="update mode"):
         steps.make_updates(setup()[0], "alternate")
+
+
+# ----------------------------------------------------------------------------- recorded runs
+
+# Losses and parameters of three LSD iterations (each update mode) and three source-only
+# updates, recorded from this code. Moving the methods into other modules must reproduce them:
+# the same losses, keys, optimizers and order of updates. Re-record only for a deliberate
+# change of the method, with LSD_JAX_RECORD=1 pytest tests/test_steps.py -k recorded.
+RECORDED = os.path.join(os.path.dirname(__file__), "recorded", "lsd_iterations.json")
+
+
+def fingerprint(params) -> dict:
+    """Per parameter tensor: its sum, its sum of squares, and its first and last 3 elements."""
+    prints = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        flat = np.asarray(leaf, np.float64).ravel()
+        prints[jax.tree_util.keystr(path)] = [flat.sum(), (flat * flat).sum(), *flat[:3],
+                                              *flat[-3:]]
+    return prints
+
+
+def recorded_runs() -> dict:
+    _, s, u = setup()
+    batch = learnable_batch()
+    runs = {}
+    for mode in steps.UPDATE_MODES:
+        states, losses = s, []
+        for i in range(3):
+            key = jax.random.fold_in(jax.random.key(11), i)
+            states, metrics = composed(mode)(states, batch, key)
+            losses.append({k: float(v) for k, v in metrics.items()})
+        runs[f"lsd_{mode}"] = {"metrics": losses, **{
+            name: fingerprint(getattr(states, name).params) for name in ("f", "g", "d")}}
+    f_state, losses = s.f, []
+    for i in range(3):
+        f_state, metrics = u.source_only_update(f_state, batch,
+                                                jax.random.fold_in(jax.random.key(11), i))
+        losses.append({k: float(v) for k, v in metrics.items()})
+    runs["source_only"] = {"metrics": losses, "f": fingerprint(f_state.params)}
+    return runs
+
+
+def test_lsd_and_source_only_reproduce_their_recorded_runs():
+    runs = recorded_runs()
+    if os.environ.get("LSD_JAX_RECORD") == "1":
+        os.makedirs(os.path.dirname(RECORDED), exist_ok=True)
+        with open(RECORDED, "w") as f:
+            json.dump(runs, f, indent=0, sort_keys=True)
+    with open(RECORDED) as f:
+        expected = json.load(f)
+    assert sorted(runs) == sorted(expected)
+    for run, values in expected.items():
+        assert [sorted(m) for m in runs[run]["metrics"]] == [sorted(m) for m in values["metrics"]]
+        for step, (got, want) in enumerate(zip(runs[run]["metrics"], values["metrics"])):
+            for term in want:
+                np.testing.assert_allclose(got[term], want[term], rtol=1e-5,
+                                           err_msg=f"{run}, step {step + 1}, {term}")
+        for net in set(values) - {"metrics"}:
+            assert sorted(runs[run][net]) == sorted(values[net]), (run, net)
+            for name, want in values[net].items():
+                want = np.asarray(want)
+                np.testing.assert_allclose(runs[run][net][name], want, rtol=1e-5,
+                                           atol=1e-5 * np.abs(want).max(),
+                                           err_msg=f"{run}: {net}{name}")

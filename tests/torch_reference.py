@@ -1,6 +1,7 @@
-"""The three LSD networks in PyTorch, transcribed from SPEC section 2 with the reference code's
-module names and nn.Sequential positions, so that their state_dicts carry exactly the keys of
-LSD-seg checkpoints. Tests use them to check our importers and our networks against PyTorch.
+"""The three LSD networks in PyTorch, transcribed from docs/methods.md, section 2, with the
+reference code's module names and nn.Sequential positions, so that their state_dicts carry
+exactly the keys of LSD-seg checkpoints. Tests use them to check our importers and our
+networks against PyTorch.
 """
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""Class sets, colours and id -> trainId maps (SPEC section 5): the one source of truth.
+"""Class sets, colours and id -> trainId maps (docs/methods.md, section 5): the one source
+of truth.
 
 numpy only, so that models, losses and steps can import it without TensorFlow. Every map is a
 dense lookup table (index = raw id, value = trainId, 255 = ignore), which is what both numpy

@@ -33,11 +33,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.views_on_device = True
     c.source = domain_config(name="synthetic_scenes/source", split="train", flip=True)
     c.target = domain_config(name="synthetic_scenes/target", split="train", flip=False)
-    # The labelled set results are reported on: the target's validation set (SPEC 6).
+    # The labelled set results are reported on: the target's validation set
+    # (docs/methods.md, section 6).
     c.eval = _eval_config(name="synthetic_scenes/target", split="validation")
     # The labelled set the periodic evaluation during training runs on, for model selection.
-    # Never the target evaluation set (SPEC 6): source validation by default; experiment configs
-    # may use a held-out labelled slice of target *train* (and leave it out of data.target).
+    # Never the target evaluation set (docs/methods.md, section 6): source validation by default;
+    # experiment configs may use a held-out labelled slice of target *train* (and leave it out
+    # of data.target).
     c.selection = _eval_config(name="synthetic_scenes/source", split="validation")
     return c
 
@@ -46,7 +48,7 @@ def _eval_config(name: str, split: str) -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.name = name               # TFDS name[/config] of a labelled set
     e.split = split             # every example is seen exactly once per evaluation
-    e.scale = (128, 256)        # (H, W) F sees at evaluation (the training scale; SPEC 6)
+    e.scale = (128, 256)        # (H, W) F sees at evaluation (training scale; docs/methods.md 6)
     e.label_size = placeholder(tuple)  # (H, W) to resize labels to (nearest); None = as stored
     e.batch_size = 8            # global eval batch; the last one is padded and masked
     e.manual_dir = placeholder(str)  # as source.manual_dir

@@ -1,4 +1,5 @@
-"""D: a patch discriminator with a four-way domain head and a class head (SPEC section 2)."""
+"""D: a patch discriminator with a four-way domain head and a class head
+(docs/methods.md, section 2)."""
 
 import flax.linen as nn
 import jax

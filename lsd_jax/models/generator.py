@@ -1,4 +1,5 @@
-"""G: reconstructs an image in [0, 1] from F's (fc7, pool4, pool3) (SPEC section 2)."""
+"""G: reconstructs an image in [0, 1] from F's (fc7, pool4, pool3)
+(docs/methods.md, section 2)."""
 
 import flax.linen as nn
 import jax

@@ -10,7 +10,8 @@ import numpy as np
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-# G and D: conv and transposed-conv kernels N(0, 0.02), biases U(-0.01, 0.01) (SPEC section 2).
+# G and D: conv and transposed-conv kernels N(0, 0.02), biases U(-0.01, 0.01)
+# (docs/methods.md, section 2).
 gan_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -275,8 +276,8 @@ class Im2ColConv(nn.Module):
 class ResBlock(nn.Module):
     """LSD's one-conv residual block: x + dropout(act(IN(conv3x3(x)))).
 
-    Not the usual two-conv block (SPEC section 2). G uses ReLU and no conv bias; D LeakyReLU(0.2)
-    and a conv bias. Dropout is element-wise, p = 0.5.
+    Not the usual two-conv block (docs/methods.md, section 2). G uses ReLU and no conv bias; D
+    LeakyReLU(0.2) and a conv bias. Dropout is element-wise, p = 0.5.
     """
 
     use_bias: bool

@@ -1,4 +1,4 @@
-"""F + C: VGG16 FCN-8s ("at once" variant) as in LSD-seg (SPEC section 2).
+"""F + C: VGG16 FCN-8s ("at once" variant) as in LSD-seg (docs/methods.md, section 2).
 
 Returns (score, fc7, pool4, pool3): the class scores at input size for the segmentation loss and
 the three feature maps that G reconstructs an image from.
@@ -13,13 +13,15 @@ import jax.numpy as jnp
 from lsd_jax.models.layers import (Dtype, Im2ColConv, bilinear_kernel, conv_transpose_torch,
                                    max_pool_ceil, scaled)
 
-# Caffe preprocessing for ImageNet VGG16 weights: BGR, 0-255, this mean subtracted (SPEC 5).
+# Caffe preprocessing for ImageNet VGG16 weights: BGR, 0-255, this mean subtracted
+# (docs/methods.md, sections 2 and 5).
 VGG_MEAN_BGR = (104.00699, 116.66877, 122.67892)
 
 VGG_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 FC_WIDTH = 4096
 
-# Offsets at which the FCN-8s head crops its skip scores and its output (SPEC section 2).
+# Offsets at which the FCN-8s head crops its skip scores and its output
+# (docs/methods.md, section 2).
 POOL4_CROP, POOL3_CROP, OUTPUT_CROP = 5, 9, 31
 
 # The three transposed convolutions of the head: (name, kernel size, stride).
@@ -71,8 +73,8 @@ class FCN8s(nn.Module):
         for XLA:CPU in layers.py. Same parameters and results; the reference for tests.
 
     The three bilinear transposed convolutions live in the variable collection "frozen", not in
-    "params": they are never trained (SPEC), and keeping them out of "params" means no gradient
-    and no optimizer state is ever computed for them.
+    "params": they are never trained (docs/methods.md, section 2), and keeping them out of
+    "params" means no gradient and no optimizer state is ever computed for them.
     """
 
     num_classes: int = 19
