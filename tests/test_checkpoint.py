@@ -199,6 +199,8 @@ def test_ctrl_c_as_a_save_begins_completes_that_save_and_stops(data_dir, tmp_pat
 
     monkeypatch.setattr(checkpoint, "save", save_with_ctrl_c)
     programs, calls = counting_steps(tiny_programs())
+    # Python's KeyboardInterrupt handler, or SIG_IGN in a process started in the background
+    handler_before = signal.getsignal(signal.SIGINT)
     config = tiny_config(data_dir)
     config.train.num_steps = 10
     workdir = str(tmp_path / "run")
@@ -207,7 +209,7 @@ def test_ctrl_c_as_a_save_begins_completes_that_save_and_stops(data_dir, tmp_pat
         train.train_and_evaluate(config, workdir, programs=programs, evaluate_at_end=False)
     assert len(calls) == 4
     assert checkpoint.saved_steps(workdir) == [2, 4]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the run's own one is removed
 
 
 def test_restoring_a_missing_step_names_the_steps_there(tmp_path):
