@@ -97,9 +97,8 @@ class StopSignals:
     def __init__(self, reached_preemption: Callable[[int], bool] = lambda step: False):
         self._reached_preemption = reached_preemption
         self._terminated = False  # SIGTERM received by this (single) process
-        self._deferring = 0  # depth of nested deferred() blocks
         self._interrupt_pending = False
-        self._activities: list[str] = []  # what each open deferred() block waits for
+        self._activities: list[str] = []  # what the open deferred() blocks wait for, outermost first
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -124,13 +123,11 @@ class StopSignals:
         """A block that Ctrl-C does not cut short (see the class docstring); `activity` names
         what it waits for in the message a Ctrl-C inside it prints."""
         self._activities.append(activity)
-        self._deferring += 1
         try:
             yield
         finally:
-            self._deferring -= 1
             self._activities.pop()
-        if not self._deferring and self._interrupt_pending:
+        if not self._activities and self._interrupt_pending:
             self._interrupt_pending = False
             raise KeyboardInterrupt
 
@@ -140,7 +137,7 @@ class StopSignals:
         self._terminated = True
 
     def _on_sigint(self, signum, frame) -> None:
-        if not self._deferring:
+        if not self._activities:
             raise KeyboardInterrupt
         if self._interrupt_pending:
             logging.warning("Second Ctrl-C: abandoning %s in progress", self._activities[0])
