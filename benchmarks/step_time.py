@@ -36,7 +36,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from configs import default as default_config  # noqa: E402
-from lsd_jax import parallel, steps  # noqa: E402
+from lsd_jax import methods, parallel  # noqa: E402
 from lsd_jax.models import VGG_MEAN_BGR  # noqa: E402
 
 DEFAULT_PEER = os.path.join(REPO_ROOT, "..", "shared", "peer", "torch_lsd_step.py")
@@ -107,8 +107,9 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def bench_one(nets, mesh, mode, updates_kind, states0, batch, args):
-    updates = steps.make_updates(nets, mode, donate=True, mesh=mesh)
+def bench_one(config, mesh, mode, updates_kind, states0, batch, args):
+    config.update_mode = mode
+    updates = methods.compile_method(methods.build(config), donate=True, mesh=mesh)
     key = parallel.replicate(jax.random.key(1), mesh)
     states = jax.tree.map(lambda x: x.copy(), states0)  # the composed step donates its states
     t0 = time.perf_counter()
@@ -118,17 +119,14 @@ def bench_one(nets, mesh, mode, updates_kind, states0, batch, args):
         flops, mem = cost(compiled), memory_estimate(compiled)
         run, programs = compiled, [compiled]
     else:
-        f_vars = states.f.variables()
-        d_c = updates.d_update.lower(states.d, f_vars, states.g.params, batch, key).compile()
-        g_c = updates.g_update.lower(states.g, f_vars, states.d.params, batch, key).compile()
-        f_c = updates.f_update.lower(states.f, states.g.params, states.d.params, batch,
-                                     key).compile()
+        separate = {name: update.lower(states, batch, key).compile()
+                    for name, update in updates.updates.items()}
         compile_s = time.perf_counter() - t0
-        flops = sum(cost(c) for c in (d_c, g_c, f_c))
-        mems = [memory_estimate(c) for c in (d_c, g_c, f_c)]
+        programs = list(separate.values())
+        flops = sum(cost(c) for c in programs)
+        mems = [memory_estimate(c) for c in programs]
         mem = None if None in mems else max(mems)
-        run = lambda s, b, k: steps.lsd_iteration(d_c, g_c, f_c, mode, s, b, k)  # noqa: E731
-        programs = [d_c, g_c, f_c]
+        run = lambda s, b, k: methods.run_iteration(separate, mode, s, b, k)  # noqa: E731
     row = {"updates": updates_kind, "mode": mode, "compile_s": compile_s,
            "flops_per_iter": flops, "xla_memory_estimate_gib": None if mem is None else mem / 2**30}
     if args.compile_only:
@@ -245,7 +243,7 @@ def main():
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1, help="source (= target) images per iteration")
     ap.add_argument("--model-width", type=float, default=1.0, help="config.model.width")
-    ap.add_argument("--dtype", choices=sorted(steps.DTYPES), default="float32")
+    ap.add_argument("--dtype", choices=sorted(methods.base.DTYPES), default="float32")
     ap.add_argument("--matmul-precision", choices=["default", "high", "highest"],
                     default="default", help="jax_default_matmul_precision (GPU: default = TF32)")
     ap.add_argument("--modes", default="alternating,simultaneous")
@@ -273,10 +271,9 @@ def main():
     config.model.dtype = args.dtype
     config.model.remat_f = args.remat_f
     config.model.remat_g = args.remat_g
-    nets = steps.build_networks(config)
     mesh = parallel.make_mesh(args.num_devices)
     parallel.check_batch_divisible(args.batch, mesh)
-    states0 = parallel.replicate(steps.init_states(nets, jax.random.key(0)), mesh)
+    states0 = parallel.replicate(methods.build(config).init(jax.random.key(0)), mesh)
     batch = jax.device_put(make_batch(args.batch, args.height, args.width, config.num_classes),
                            parallel.batch_sharded(mesh))
     device = jax.devices()[0]
@@ -290,7 +287,7 @@ def main():
     for mode in args.modes.split(","):
         peer = run_peer(mode, args) if args.peer and not args.compile_only else None
         for kind in args.updates.split(","):
-            row = {**common, **bench_one(nets, mesh, mode, kind, states0, batch, args)}
+            row = {**common, **bench_one(config, mesh, mode, kind, states0, batch, args)}
             if peer is not None:
                 row["peer"] = peer
                 if "median_s_per_iter" in peer:

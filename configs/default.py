@@ -16,17 +16,36 @@ from lsd_jax.data.config import default_data_config
 
 
 # What an experiment config's argument selects (`--config configs/gta.py:source_only`).
-VARIANTS = ("lsd", "source_only", "target_only")
+VARIANTS = ("lsd", "source_only", "target_only", "adaptsegnet", "adaptsegnet_multi",
+            "adaptsegnet_ls", "advent", "minent")
+
+# The output-space variants: (method, that method's config fields set by the variant).
+OUTPUT_SPACE_VARIANTS = {
+    "adaptsegnet": ("adaptsegnet", {}),
+    "adaptsegnet_multi": ("adaptsegnet", {"multi_level": True, "seg_aux_weight": 0.1,
+                                          "adv_aux_weight": 0.0002}),
+    "adaptsegnet_ls": ("adaptsegnet", {"gan": "ls", "adv_weight": 0.01}),
+    "advent": ("advent", {"kind": "advent"}),
+    "minent": ("advent", {"kind": "minent"}),
+}
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
     """lsd: the method; source_only: the baseline (F+C on the source's labels alone);
     target_only: the oracle, F+C trained the same way on the target's own labels (an upper
-    bound no adaptation method can use). Empty means lsd."""
+    bound no adaptation method can use); adaptsegnet (single-level, BCE), adaptsegnet_multi,
+    adaptsegnet_ls (LS-GAN), advent (AdvEnt), minent (MinEnt): the output-space methods with
+    their reference weights, in their reference's simultaneous mode (docs/methods.md,
+    section 8). Empty means lsd."""
     variant = variant or "lsd"
     if variant not in VARIANTS:
         raise ValueError(f"config argument {variant!r}: expected one of {VARIANTS} (as in "
                          "--config configs/gta.py:source_only)")
+    if variant in OUTPUT_SPACE_VARIANTS:
+        method, fields = OUTPUT_SPACE_VARIANTS[variant]
+        config.method = method
+        config.update_mode = "simultaneous"
+        config[method].update(fields)
     if variant in ("source_only", "target_only"):
         config.method = "source_only"
     if variant == "target_only":
@@ -62,10 +81,22 @@ def use_cityscapes_target(config: ml_collections.ConfigDict,
     return config
 
 
+def output_space_block(**fields) -> ml_collections.ConfigDict:
+    """A method block with the optimisers AdaptSegNet and ADVENT share: S with SGD (momentum,
+    coupled weight decay, classifiers at 10x), D with Adam; poly schedules over 250k steps."""
+    return ml_collections.ConfigDict({
+        **fields,
+        "s_lr": 2.5e-4, "classifier_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 5e-4,
+        "d_lr": 1e-4, "d_b1": 0.9, "d_b2": 0.99,
+        "poly_power": 0.9, "poly_steps": 250_000,
+    })
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # "lsd" (F+C, G and D adversarially) or "source_only" (F+C with the segmentation loss alone).
+    # "lsd" (F+C, G and D adversarially), "source_only" (F+C with the segmentation loss alone),
+    # "adaptsegnet" or "advent" (docs/methods.md, section 8; their blocks below).
     config.method = "lsd"
     config.seed = 1337  # the reference's seed
     config.num_classes = 19
@@ -84,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # "alternating": D steps, then G with the new D, then F with the new D and G.
     # "simultaneous": all three gradients from one forward pass at the start parameters.
+    # (Every method with several updates: each sees the ones before it, or the start states.)
     config.update_mode = "alternating"
 
     config.loss = ml_collections.ConfigDict()
@@ -103,6 +135,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.gd_lr = 1e-4  # G and D: Adam, constant lr
     config.optim.gd_b1 = 0.7
     config.optim.gd_b2 = 0.999
+
+    # The output-space methods' own blocks (docs/methods.md, section 8), their references'
+    # values; `config.loss` and `config.optim` are LSD's (and the baselines'). S is F+C.
+    config.adaptsegnet = output_space_block(
+        multi_level=False,      # an auxiliary classifier (FCN-8s: on pool4) with its own D
+        gan="bce",              # "bce" or "ls" (LS-GAN)
+        seg_aux_weight=0.0,     # lambda_seg: the auxiliary source cross-entropy
+        adv_weight=0.001,       # lambda_adv2: S's adversarial term on the main output
+        adv_aux_weight=0.0,     # lambda_adv1: ... on the auxiliary output
+    )
+    config.advent = output_space_block(
+        kind="advent",          # "advent" (D on self-information maps) or "minent" (no D)
+        multi_level=True,
+        seg_aux_weight=0.1,
+        target_weight=0.001,    # S's target term (adversarial or entropy), main output
+        target_aux_weight=0.0002,  # ... auxiliary output
+    )
 
     config.data = default_data_config()  # datasets, sizes, batch size: see docs/data.md
 

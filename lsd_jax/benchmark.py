@@ -54,7 +54,7 @@ DEFAULT_BASELINE = "source_only"
 DEFAULT_ORACLE = "target_only"
 
 RECORD_FILE = "benchmark.json"
-RESULTS_SUBDIR = "results"  # lsd_jax.train.RESULTS_SUBDIR (not imported: it pulls in JAX)
+RESULTS_SUBDIR = "results"  # lsd_jax.reporting.RESULTS_SUBDIR (not imported: it pulls in JAX)
 
 # The data sets of a config that may read the target dataset.
 DATA_SETS = ("source", "target", "selection", "eval")
@@ -365,12 +365,12 @@ def resolve_configs(options: Options) -> dict[str, Any]:
 
 def check_run_configs(configs: Mapping[str, Any]) -> None:
     """The checks training starts with, for every variant before the first run starts."""
-    from lsd_jax import train
+    from lsd_jax import preflight
 
     for variant, config in configs.items():
         try:
-            train.check_config(config)
-            train.check_selection_is_not_eval(config.data)
+            preflight.check_config(config)
+            preflight.check_selection_is_not_eval(config.data)
         except ValueError as error:
             raise BenchmarkError(f"variant {variant}: {error}") from None
 
@@ -534,8 +534,8 @@ def default_programs_for() -> Callable[[str, Any], Any]:
 
     def programs_for(variant, config):
         if variant not in cache:
-            from lsd_jax import train
-            cache[variant] = train.build_programs(config)
+            from lsd_jax.programs import build_programs
+            cache[variant] = build_programs(config)
         return cache[variant]
 
     return programs_for
@@ -544,13 +544,13 @@ def default_programs_for() -> Callable[[str, Any], Any]:
 def run_stopping_errors() -> tuple[type[BaseException], ...]:
     """What training raises for the user to act on (a NaN loss, a missing dataset, a failed
     checkpoint save, Ctrl-C): lsd_jax.errors.UserError; where the package predates that module,
-    the three errors train.py and checkpoint.py raised themselves."""
+    the three errors the training modules and checkpoint.py raised themselves."""
     try:
         from lsd_jax.errors import UserError
         return (UserError,)
     except ImportError:
-        from lsd_jax import checkpoint, train
-        return (train.NonFiniteLossError, train.DatasetMissingError,
+        from lsd_jax import checkpoint, preflight, train
+        return (train.NonFiniteLossError, preflight.DatasetMissingError,
                 checkpoint.IncompatibleWorkdirError)
 
 
@@ -794,15 +794,16 @@ def restored_predictions(config, directory: str, programs, inputs, label_size) -
     """Class maps (N, H, W) at label size from the final checkpoint of the run in `directory`."""
     import numpy as np
 
-    from lsd_jax import checkpoint, evaluate, train
+    from lsd_jax import checkpoint, evaluate
+    from lsd_jax.programs import abstract_states, base_key
 
     manager = checkpoint.make_manager(directory, None, asynchronous=False, read_only=True)
     try:
-        restored = checkpoint.restore(manager, train.abstract_states(config, programs),
-                                      train.base_key(config), config.train.num_steps)
+        restored = checkpoint.restore(manager, abstract_states(config, programs),
+                                      base_key(config), config.train.num_steps)
     finally:
         manager.close()
-    logits = programs.predict(restored.states.f.variables(), inputs)
+    logits = programs.predict(restored.states["f"].variables(), inputs)
     return np.asarray(evaluate.predict_labels(logits, *label_size))
 
 

@@ -66,8 +66,8 @@ def _run(config, workdir: str | None, mode: str) -> int:
     if mode not in MODES:
         raise UsageError(f"--mode={mode}: expected one of {MODES}")
     if mode == "summary":
-        from lsd_jax import train
-        print(train.model_summary(config))
+        from lsd_jax.summary import model_summary
+        print(model_summary(config))
         return 0
     if not workdir:
         raise UsageError(f"--workdir is required for --mode {mode}")
@@ -75,14 +75,14 @@ def _run(config, workdir: str | None, mode: str) -> int:
     import jax
     import tensorflow_datasets as tfds
 
-    from lsd_jax import distributed, train
+    from lsd_jax import distributed, reporting, train
 
     # Datasets generated on first use announce themselves in one line instead.
     tfds.disable_progress_bar()
     distributed.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                        FLAGS.process_id)
     if mode == "eval":
-        summary = train.evaluate_checkpoint(config, workdir)
+        summary = reporting.evaluate_checkpoint(config, workdir)
     else:
         summary = train.train_and_evaluate(config, workdir,
                                            evaluate_at_end=mode == "train_and_eval").eval_summary
@@ -95,9 +95,9 @@ def where_results_are(workdir: str, summary: dict) -> str:
     """The last lines of a run: its result and where to look at it."""
     import os
 
-    from lsd_jax import evaluate, train
+    from lsd_jax import evaluate, reporting
 
-    results = os.path.join(workdir, train.RESULTS_SUBDIR, f"eval_step_{summary['step']}.md")
+    results = os.path.join(workdir, reporting.RESULTS_SUBDIR, f"eval_step_{summary['step']}.md")
     return (f"mIoU {evaluate.format_percent(summary['miou'])} % on {summary['dataset']}:"
             f"{summary['split']} at step {summary['step']}.\n"
             f"  per-class table: {results}\n"

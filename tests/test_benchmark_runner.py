@@ -12,7 +12,7 @@ import types
 import pytest
 from PIL import Image
 
-from lsd_jax import benchmark, train
+from lsd_jax import benchmark, reporting, train
 from train_helpers import REPO_ROOT, TINY_SCENES, load_config_file, tiny_programs
 
 SYNTHETIC = os.path.join(REPO_ROOT, "configs", "synthetic.py")
@@ -214,7 +214,7 @@ def test_a_results_file_cut_short_is_not_a_finished_run(tmp_path):
     with open(path, "w") as f:
         f.write('{"miou": 0.5}')
     assert benchmark.read_final_summary(str(tmp_path), 7) == {"miou": 0.5}
-    assert benchmark.RESULTS_SUBDIR == train.RESULTS_SUBDIR
+    assert benchmark.RESULTS_SUBDIR == reporting.RESULTS_SUBDIR
 
 
 # ----------------------------------------------------------------------------- bad input

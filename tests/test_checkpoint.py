@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lsd_jax import checkpoint, errors, train
+from lsd_jax.programs import abstract_states, base_key
 from train_helpers import REPO_ROOT, tiny_config, tiny_programs
 
 
@@ -45,17 +46,17 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         np.testing.assert_array_equal(a, b)
     # And the parameters did change: the comparison is not between two untouched states.
     assert any(not np.array_equal(a, b) for a, b in
-               zip(leaves(half.states.f.params), leaves(straight.states.f.params)))
+               zip(leaves(half.states["f"].params), leaves(straight.states["f"].params)))
 
     # The checkpoints hold what a resume needs: states, the step, the base key, the data position.
     manager = checkpoint.make_manager(str(tmp_path / "resumed"), read_only=True)
     assert checkpoint.available_steps(manager) == [2, 4]
-    restored = checkpoint.restore(manager, train.abstract_states(config, programs),
-                                  train.base_key(config))
+    restored = checkpoint.restore(manager, abstract_states(config, programs),
+                                  base_key(config))
     manager.close()
     assert restored.step == 4 and restored.meta["data_batches_consumed"] == 4
     assert (jax.random.key_data(restored.base_key) ==
-            jax.random.key_data(train.base_key(config))).all()
+            jax.random.key_data(base_key(config))).all()
     for a, b in zip(leaves(restored.states), leaves(straight.states), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -153,8 +154,8 @@ def counting_steps(programs):
 
     def step(states, batch, key):
         calls.append(1)
-        return programs.updates.step(states, batch, key)
-    return dataclasses.replace(programs, updates=programs.updates._replace(step=step)), calls
+        return programs.compiled.step(states, batch, key)
+    return dataclasses.replace(programs, compiled=programs.compiled._replace(step=step)), calls
 
 
 @pytest.mark.slow

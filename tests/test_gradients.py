@@ -30,7 +30,8 @@ import optax
 import pytest
 
 from configs import default
-from lsd_jax import steps
+from lsd_jax import methods
+from lsd_jax.methods import lsd
 from lsd_jax.models import Discriminator, FCN8s, Generator
 from lsd_jax.models import layers
 
@@ -175,22 +176,22 @@ def recording_sgd(learning_rate: float) -> optax.GradientTransformation:
                                            grads))
 
 
-def iteration_networks(mode: str, dtype: str = "float32") -> steps.Networks:
+def iteration_method(mode: str, dtype: str = "float32") -> methods.Method:
     config = default.get_config()
     config.model.width = NETWORK_WIDTH
     config.model.dtype = dtype
     config.model.dropout_rate = 0.0  # float64 would draw other masks
     config.update_mode = mode
-    nets = steps.build_networks(config)
+    nets = lsd.build_networks(config)
     # A small step, so that "alternating" evaluates G and F at a new D (and G) that is still
     # close to the old one: a large one would amplify rounding differences chaotically.
     sgd = recording_sgd(1e-6)
-    return dataclasses.replace(nets, f_tx=sgd, g_tx=sgd, d_tx=sgd)
+    return lsd.build(config, dataclasses.replace(nets, f_tx=sgd, g_tx=sgd, d_tx=sgd))
 
 
 @functools.cache
 def initial_states():
-    return steps.init_states(iteration_networks("alternating"), jax.random.key(0))
+    return iteration_method("alternating").init(jax.random.key(0))
 
 
 def iteration_batch(labelled: bool):
@@ -207,23 +208,19 @@ def iteration_batch(labelled: bool):
 
 def iteration_grads(mode: str, batch, *, dtype="float32", how="composed"):
     """The gradients of D, G and F computed by one whole iteration."""
-    nets = iteration_networks(mode, dtype)
+    method = iteration_method(mode, dtype)
     states = initial_states()
     if dtype == "float64":
         states, batch = to_float64((states, batch))
-        states = steps.TrainStates(*(dataclasses.replace(
-            s, opt_state=jax.tree.map(jnp.zeros_like, s.params)) for s in
-            (states.f, states.g, states.d)))
-    updates = steps.make_updates(nets, mode, donate=False)
+        states = {name: dataclasses.replace(s, opt_state=jax.tree.map(jnp.zeros_like, s.params))
+                  for name, s in states.items()}
     key = jax.random.key(3)
     if how == "composed":
-        new, _ = updates.step(states, batch, key)
+        new, _ = methods.compile_method(method, donate=False).step(states, batch, key)
     else:
         with jax.disable_jit():
-            new, _ = steps.lsd_iteration(
-                *(functools.partial(fn, nets) for fn in
-                  (steps.d_update, steps.g_update, steps.f_update)), mode, states, batch, key)
-    return {name: jax.tree.map(np.asarray, getattr(new, name).opt_state) for name in "dgf"}
+            new, _ = methods.run_iteration(method.updates, mode, states, batch, key)
+    return {name: jax.tree.map(np.asarray, new[name].opt_state) for name in "dgf"}
 
 
 # Each mode once, each labelling once: a case costs minutes of compiling at NETWORK_WIDTH.

@@ -34,7 +34,7 @@ import json, sys, warnings
 import jax
 import numpy as np
 from configs import default
-from lsd_jax import parallel, steps
+from lsd_jax import methods, parallel
 
 GLOBAL_BATCH, STEPS = 8, 2
 
@@ -54,9 +54,9 @@ def full_batch():
     out["source_label"] = rng.integers(0, 19, (n, hw, hw)).astype(np.int32)
     return out
 
-def train(nets, updates, mesh, local_batch):
+def train(method, updates, mesh, local_batch):
     # Built identically on every process from the same seed, then replicated.
-    states = parallel.replicate(steps.init_states(nets, jax.random.key(0)), mesh)
+    states = parallel.replicate(method.init(jax.random.key(0)), mesh)
     batch = parallel.global_batch(local_batch, mesh)
     base_key = jax.random.key(1)
     losses, report = [], {"replicated": True, "donated": True, "warnings": []}
@@ -81,7 +81,7 @@ def train(nets, updates, mesh, local_batch):
 def flat_params(states):
     out = {}
     for net in ("f", "g", "d"):
-        leaves = jax.tree_util.tree_leaves_with_path(getattr(states, net).params)
+        leaves = jax.tree_util.tree_leaves_with_path(states[net].params)
         for path, x in leaves:
             out[net + "/" + jax.tree_util.keystr(path)] = np.asarray(x)
     return out
@@ -89,13 +89,13 @@ def flat_params(states):
 
 SINGLE_PROCESS = COMMON + r"""
 out = sys.argv[1]
-nets = steps.build_networks(config())
+method = methods.build(config())
 batch = full_batch()
 results, arrays = {}, {}
 for n in (8, 4, 1):
     mesh = parallel.make_mesh(n)
-    updates = steps.make_updates(nets, "alternating", donate=True, mesh=mesh)
-    states, losses, report, first = train(nets, updates, mesh, batch)
+    updates = methods.compile_method(method, donate=True, mesh=mesh)
+    states, losses, report, first = train(method, updates, mesh, batch)
     results[n] = {"losses": losses, **report}
     arrays.update({f"{n}:{k}": v for k, v in flat_params(states).items()})
     arrays.update({f"{n}@1:{k}": v for k, v in first.items()})
@@ -125,13 +125,13 @@ from lsd_jax.distributed import initialize_distributed
 address, process_id, workdir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 initialize_distributed(address, 2, process_id, initialization_timeout=60)
 assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
-nets = steps.build_networks(config())
+method = methods.build(config())
 mesh = parallel.make_mesh()
-updates = steps.make_updates(nets, "alternating", donate=True, mesh=mesh)
+updates = methods.compile_method(method, donate=True, mesh=mesh)
 per_process = GLOBAL_BATCH // 2
 mine = slice(process_id * per_process, (process_id + 1) * per_process)
 local = {k: v[mine] for k, v in full_batch().items()}   # this process reads only its rows
-states, losses, report, first = train(nets, updates, mesh, local)
+states, losses, report, first = train(method, updates, mesh, local)
 manager = checkpoint.make_manager(workdir, asynchronous=False)
 checkpoint.save(manager, STEPS, states, parallel.replicate(jax.random.key(1), mesh))
 manager.wait_until_finished()
@@ -277,7 +277,7 @@ def test_two_processes_train_like_one_process_with_four_devices(single_process, 
 
 def test_checkpoint_of_two_processes_is_written_once_and_restores_in_one(two_processes):
     from configs import default
-    from lsd_jax import checkpoint, steps
+    from lsd_jax import checkpoint, methods
 
     _, params, workdir = two_processes
     manager = checkpoint.make_manager(workdir, read_only=True)
@@ -287,16 +287,15 @@ def test_checkpoint_of_two_processes_is_written_once_and_restores_in_one(two_pro
 
     config = default.get_config()
     config.model.width = 1 / 16
-    nets = steps.build_networks(config)
-    like = steps.init_states(nets, jax.random.key(5))  # this process: 1 process, 1 device
+    like = methods.build(config).init(jax.random.key(5))  # this process: 1 process, 1 device
     restored = checkpoint.restore(manager, like, jax.random.key(0))
     assert restored.step == STEPS and jax.process_count() == 1
     np.testing.assert_array_equal(jax.random.key_data(restored.base_key),
                                   jax.random.key_data(jax.random.key(1)))
     for net in ("f", "g", "d"):
-        for path, x in jax.tree_util.tree_leaves_with_path(getattr(restored.states, net).params):
+        for path, x in jax.tree_util.tree_leaves_with_path(restored.states[net].params):
             name = net + "/" + jax.tree_util.keystr(path)
             np.testing.assert_array_equal(np.asarray(x), params[0][name], err_msg=name)
     # The optimizer states came back too (Adam's step count after STEPS updates).
-    counts = [int(x) for x in jax.tree.leaves(restored.states.d.opt_state) if x.ndim == 0]
+    counts = [int(x) for x in jax.tree.leaves(restored.states["d"].opt_state) if x.ndim == 0]
     assert counts and all(c == STEPS for c in counts)

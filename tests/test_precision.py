@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from lsd_jax import steps
+from lsd_jax import methods
 
 pytestmark = pytest.mark.slow  # a bfloat16 training subprocess
 
@@ -33,7 +33,8 @@ TRAIN = r"""
 import json, sys
 import jax, numpy as np
 from configs import default
-from lsd_jax import steps
+from lsd_jax import methods
+from lsd_jax.methods import lsd
 
 def config(dtype):
     c = default.get_config()
@@ -51,9 +52,9 @@ batch["source_label"] = rng.integers(0, 19, (2, 64, 64)).astype(np.int32)
 
 out = {}
 for dtype, iterations in (("bfloat16", int(sys.argv[2])), ("float32", int(sys.argv[2]))):
-    nets = steps.build_networks(config(dtype))
-    states = steps.init_states(nets, jax.random.key(0))
-    step = steps.make_updates(nets, "alternating").step
+    method = methods.build(config(dtype))
+    states = method.init(jax.random.key(0))
+    step = methods.compile_method(method).step
     losses = []
     for i in range(iterations):
         # The same key every step: the same dropout masks, a truly fixed objective.
@@ -72,18 +73,18 @@ remat = {}
 for flag in (False, True):
     c = config("float32")
     c.model.remat_f = c.model.remat_g = flag
-    nets = steps.build_networks(c)
-    states = steps.init_states(nets, jax.random.key(0))
+    nets = lsd.build_networks(c)
+    states = lsd.init_states(nets, jax.random.key(0))
 
-    def loss(f_params, g_params, nets=nets, frozen=states.f.frozen):
+    def loss(f_params, g_params, nets=nets, frozen=states["f"].frozen):
         score, *features = nets.f.apply({"params": f_params, "frozen": frozen}, x, train=True,
                                         rngs={"dropout": jax.random.key(1)})
         image = nets.g.apply({"params": g_params}, *features, train=True,
                              rngs={"dropout": jax.random.key(2)})
         return jnp.mean(score ** 2) + jnp.mean((image - batch["source_image01"][:1]) ** 2)
     grad = jax.value_and_grad(loss, argnums=(0, 1))
-    program = str(jax.make_jaxpr(grad)(states.f.params, states.g.params))
-    value, grads = jax.jit(grad)(states.f.params, states.g.params)
+    program = str(jax.make_jaxpr(grad)(states["f"].params, states["g"].params))
+    value, grads = jax.jit(grad)(states["f"].params, states["g"].params)
     remat[flag] = {"attributes": [nets.f.remat, nets.g.remat],
                    "checkpoints": program.count("remat") + program.count("checkpoint"),
                    "value": float(value),
@@ -161,10 +162,10 @@ def test_bfloat16_first_iteration_matches_float32(trained):
 
 
 def step_program(config):
-    nets = steps.build_networks(config)
-    states = jax.eval_shape(lambda: steps.init_states(nets, jax.random.key(0)))
-    step = steps.make_updates(nets, config.update_mode, donate=False).step
-    return nets, states, jax.make_jaxpr(step)(states, tiny_batch(), jax.random.key(1))
+    method = methods.build(config)
+    states = jax.eval_shape(lambda: method.init(jax.random.key(0)))
+    step = methods.compile_method(method, donate=False).step
+    return method, states, jax.make_jaxpr(step)(states, tiny_batch(), jax.random.key(1))
 
 
 def jaxpr_dtypes(closed):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from lsd_jax import checkpoint, distributed, errors, parallel, train
+from lsd_jax import checkpoint, distributed, errors, parallel, preflight, reporting, train
+from lsd_jax.programs import build_programs, initial_states
 from train_helpers import (REPO_ROOT, free_port, load_config_file, subprocess_env, tiny_config,
                            tiny_programs)
 
@@ -25,14 +26,14 @@ def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_c
     calls = []
 
     def poisoned_step(states, batch, key):  # the real update; its 3rd loss report is NaN
-        states, metrics = programs.updates.step(states, batch, key)
+        states, metrics = programs.compiled.step(states, batch, key)
         calls.append(1)
         if len(calls) == 3:
             metrics = {**metrics, "g/l1": metrics["g/l1"] * jnp.nan}
         return states, metrics
 
     poisoned = dataclasses.replace(
-        programs, updates=programs.updates._replace(step=poisoned_step))
+        programs, compiled=programs.compiled._replace(step=poisoned_step))
     config = tiny_config(str(tmp_path / "tfds"))
     config.train.num_steps = 6
     with pytest.raises(train.NonFiniteLossError,
@@ -47,16 +48,16 @@ def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_c
 def test_first_nonfinite_finds_the_earliest_step():
     history = [(1, {"a": np.float32(1)}), (2, {"a": np.float32(np.inf), "b": np.float32(1)}),
                (3, {"b": np.float32(np.nan)})]
-    assert train.first_nonfinite(history) == (2, "a", float("inf"))
-    assert train.first_nonfinite(history[:1]) is None
+    assert reporting.first_nonfinite(history) == (2, "a", float("inf"))
+    assert reporting.first_nonfinite(history[:1]) is None
 
 
 def test_a_missing_dataset_says_how_to_build_it(tmp_path):
     config = tiny_config(str(tmp_path / "tfds"))
     config.data.source.name = "gta5/1280x720_jpeg"
     config.data.source.config_overrides = {}
-    with pytest.raises(train.DatasetMissingError) as error:
-        train.check_datasets(config.data, ("source",))
+    with pytest.raises(preflight.DatasetMissingError) as error:
+        preflight.check_datasets(config.data, ("source",))
     message = str(error.value)
     assert "config.data.source" in message
     assert (f"tfds build gta5 --imports lsd_jax.data.datasets --manual_dir <extracted files> "
@@ -68,7 +69,7 @@ def test_model_selection_on_the_target_evaluation_set_is_refused():
     config.data.selection.name = config.data.eval.name
     config.data.selection.split = config.data.eval.split
     with pytest.raises(ValueError, match="never use the target evaluation set"):
-        train.check_selection_is_not_eval(config.data)
+        preflight.check_selection_is_not_eval(config.data)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -81,7 +82,7 @@ def test_bad_config_values_name_the_field(field, value, message):
     section, _, name = field.rpartition(".")
     (config[section] if section else config)[name] = value
     with pytest.raises(ValueError, match=message):
-        train.check_config(config)
+        preflight.check_config(config)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -98,7 +99,7 @@ def test_training_sizes_are_checked_up_front_naming_the_field(changes, message):
         domain, name = field.split(".")
         data[domain][name] = value
     with pytest.raises(errors.ConfigError, match=message):
-        train.check_training_sizes(data)
+        preflight.check_training_sizes(data)
 
 
 def test_batch_sizes_must_divide_over_the_devices():
@@ -107,12 +108,12 @@ def test_batch_sizes_must_divide_over_the_devices():
     config.data.batch_size = 3
     with pytest.raises(errors.ConfigError, match=r"^config.data.batch_size=3: each batch is split "
                                                  r"over 2 devices .* multiple of 2$"):
-        train.check_batch_sizes(config, mesh, ())
+        preflight.check_batch_sizes(config, mesh, ())
     config.data.batch_size = 4
     config.data.eval.batch_size = 5
-    train.check_batch_sizes(config, mesh, ("selection",))
+    preflight.check_batch_sizes(config, mesh, ("selection",))
     with pytest.raises(errors.ConfigError, match=r"^config.data.eval.batch_size=5: "):
-        train.check_batch_sizes(config, mesh, ("selection", "eval"))
+        preflight.check_batch_sizes(config, mesh, ("selection", "eval"))
 
 
 def test_sigterm_on_one_process_means_stop_at_the_next_step():
@@ -219,8 +220,8 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
     for variant in ("lsd", "source_only", "target_only")] + [("synthetic", "pretrain")])
 def test_every_config_and_variant_is_valid(name, variant):
     config = load_config_file(name, variant)
-    train.check_config(config)
-    train.check_selection_is_not_eval(config.data)
+    preflight.check_config(config)
+    preflight.check_selection_is_not_eval(config.data)
     if variant:
         assert config.method == ("lsd" if variant == "lsd" else "source_only")
     if variant == "target_only":
@@ -240,7 +241,8 @@ def test_the_oracle_trains_on_the_target_as_later_overrides_leave_it():
 
 
 def test_console_line_is_readable():
-    line = train.console_line(150, 300, {"f/seg": 1234.5, "d/loss": 2.25, "x": 1}, "lsd", 2.0)
+    line = reporting.console_line(150, 300, {"f/seg": 1234.5, "d/loss": 2.25, "x": 1},
+                                  ("f/seg", "f/adv", "d/loss"), 2.0)
     assert line == "step 150/300  f/seg 1234  d/loss 2.25  2.00 steps/s  ETA 1m15s"
 
 
@@ -253,13 +255,13 @@ def save_states(workdir, states, step):
 
 
 def states_with_f(programs, f_state):
-    return programs.init(jax.random.key(9)).replace(f=f_state)
+    return {**programs.init(jax.random.key(9)), "f": f_state}
 
 
 def test_a_run_starts_from_the_f_of_another_runs_checkpoint(tmp_path):
     """An LSD run starting from a source-only run's checkpoint (a different method, so other
     networks and optimizer states) takes that F's parameters and nothing else."""
-    pretrained = tiny_programs("source_only").init(jax.random.key(7)).f
+    pretrained = tiny_programs("source_only").init(jax.random.key(7))["f"]
     pretrained = pretrained.replace(params=jax.tree.map(lambda p: p + 0.5, pretrained.params))
     save_states(tmp_path / "pre", tiny_programs("source_only").init(jax.random.key(8)), 10)
     save_states(tmp_path / "pre", states_with_f(tiny_programs("source_only"), pretrained), 20)
@@ -267,35 +269,52 @@ def test_a_run_starts_from_the_f_of_another_runs_checkpoint(tmp_path):
     config = tiny_config(str(tmp_path / "tfds"))
     config.init.f_workdir = str(tmp_path / "pre")
     programs = tiny_programs()
-    fresh = train.initial_states(tiny_config(str(tmp_path / "tfds")), programs)
-    started = train.initial_states(config, programs)
-    for got, expected in zip(jax.tree.leaves(started.f.params), jax.tree.leaves(pretrained.params)):
+    fresh = initial_states(tiny_config(str(tmp_path / "tfds")), programs)
+    started = initial_states(config, programs)
+    for got, expected in zip(jax.tree.leaves(started["f"].params), jax.tree.leaves(pretrained.params)):
         np.testing.assert_array_equal(got, expected)
     for name in ("g", "d"):  # untouched: as a fresh start makes them
-        for got, expected in zip(jax.tree.leaves(getattr(started, name).params),
-                                 jax.tree.leaves(getattr(fresh, name).params)):
+        for got, expected in zip(jax.tree.leaves(started[name].params),
+                                 jax.tree.leaves(fresh[name].params)):
             np.testing.assert_array_equal(got, expected)
-    for got, expected in zip(jax.tree.leaves(started.f.opt_state),  # fresh optimizer state
-                             jax.tree.leaves(fresh.f.opt_state)):
+    for got, expected in zip(jax.tree.leaves(started["f"].opt_state),  # fresh optimizer state
+                             jax.tree.leaves(fresh["f"].opt_state)):
         np.testing.assert_array_equal(got, expected)
 
     config.init.f_step = 10  # an earlier checkpoint when asked for
-    earlier = train.initial_states(config, programs)
-    assert not np.array_equal(jax.tree.leaves(earlier.f.params)[0],
-                              jax.tree.leaves(started.f.params)[0])
+    earlier = initial_states(config, programs)
+    assert not np.array_equal(jax.tree.leaves(earlier["f"].params)[0],
+                              jax.tree.leaves(started["f"].params)[0])
+
+
+def test_a_multi_level_run_starts_from_a_source_only_f_and_keeps_its_fresh_aux_head(tmp_path):
+    pretrained = tiny_programs("source_only").init(jax.random.key(7))
+    pretrained["f"] = pretrained["f"].replace(
+        params=jax.tree.map(lambda p: p + 0.5, pretrained["f"].params))
+    save_states(tmp_path / "pre", pretrained, 10)
+    config = tiny_config(str(tmp_path / "tfds"), "adaptsegnet_multi")
+    config.init.f_workdir = str(tmp_path / "pre")
+    programs = tiny_programs("adaptsegnet_multi")
+    started = initial_states(config, programs)["f"].params
+    fresh = initial_states(tiny_config(str(tmp_path / "tfds"), "adaptsegnet_multi"),
+                           programs)["f"].params
+    assert set(started) == set(pretrained["f"].params) | {"score_aux"}
+    for name, saved in pretrained["f"].params.items():
+        jax.tree.map(np.testing.assert_array_equal, started[name], saved)
+    jax.tree.map(np.testing.assert_array_equal, started["score_aux"], fresh["score_aux"])
 
 
 def test_a_pretrained_f_of_another_network_is_refused_naming_the_tensor(tmp_path):
     wide = tiny_config(str(tmp_path / "tfds"), "source_only")
     wide.model.width = 1 / 8
-    save_states(tmp_path / "pre", train.build_programs(wide).init(jax.random.key(0)), 5)
+    save_states(tmp_path / "pre", build_programs(wide).init(jax.random.key(0)), 5)
     config = tiny_config(str(tmp_path / "tfds"))
     config.init.f_workdir = str(tmp_path / "pre")
     with pytest.raises(errors.ConfigError,
                        match=r"F of step 5 in .*pre': \['params'\]\['conv1_1'\]\['bias'\] has "
                              r"shape \(8,\), this run's F \(4,\); expected a run of the same "
                              r"network"):
-        train.initial_states(config, tiny_programs())
+        initial_states(config, tiny_programs())
 
 
 @pytest.mark.parametrize("init, message", [
@@ -323,4 +342,4 @@ def test_conflicting_initialisations_are_refused(tmp_path, init, message):
     for field, value in init.items():
         config.init[field] = value
     with pytest.raises(errors.ConfigError, match=message):
-        train.check_config(config)
+        preflight.check_config(config)

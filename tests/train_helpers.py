@@ -49,8 +49,9 @@ def tiny_config(data_dir: str, variant: str = "lsd"):
 def tiny_programs(variant: str = "lsd"):
     """Compiled for a mesh of 2 of the tests' simulated CPU devices (conftest.py): the batch of
     2 is split over them, as data parallelism on a real machine."""
-    from lsd_jax import parallel, train
-    return train.build_programs(tiny_config("unused", variant), parallel.make_mesh(2))
+    from lsd_jax import parallel
+    from lsd_jax.programs import build_programs
+    return build_programs(tiny_config("unused", variant), parallel.make_mesh(2))
 
 
 def subprocess_env(devices: int = 1, xla_flags: str = "") -> dict:

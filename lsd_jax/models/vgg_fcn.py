@@ -71,6 +71,11 @@ class FCN8s(nn.Module):
       plain_kernels: compute the pools, fc6/fc7 and the head's transposed convolutions with
         XLA's plain operations (reduce_window, conv_general_dilated) instead of the forms tuned
         for XLA:CPU in layers.py. Same parameters and results; the reference for tests.
+      aux_classifier: also return the scores of an auxiliary classifier on pool4 (a 1x1 conv,
+        "score_aux"), brought to the input size by the same frozen upsampling layers and crops
+        as the main score (pool4's path of FCN-16s). For the multi-level output-space methods
+        (docs/methods.md, section 8), whose reference puts it on ResNet's layer3; FCN-8s has no
+        published multi-level setting.
 
     The three bilinear transposed convolutions live in the variable collection "frozen", not in
     "params": they are never trained (docs/methods.md, section 2), and keeping them out of
@@ -84,6 +89,7 @@ class FCN8s(nn.Module):
     blocks: Sequence[Sequence[int]] = VGG_BLOCKS
     remat: bool = False
     plain_kernels: bool = False
+    aux_classifier: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
@@ -134,7 +140,12 @@ class FCN8s(nn.Module):
         up4 = upsample("upscore_pool4", up2 + s4)
         s3 = _crop(score_conv("score_pool3")(pool3), POOL3_CROP, *up4.shape[1:3], "score_pool3")
         score = _crop(upsample("upscore8", up4 + s3), OUTPUT_CROP, height, width, "upscore8")
-        return score, fc7, pool4, pool3
+        if not self.aux_classifier:
+            return score, fc7, pool4, pool3
+        aux = _crop(score_conv("score_aux")(pool4), POOL4_CROP, *up2.shape[1:3], "score_aux")
+        aux = _crop(upsample("upscore8", upsample("upscore_pool4", aux)), OUTPUT_CROP, height,
+                    width, "score_aux")
+        return score, fc7, pool4, pool3, aux
 
     def _frozen_upsampler(self, name: str, size: int) -> jax.Array:
         kernel = bilinear_kernel(self.num_classes, size)

@@ -1,0 +1,240 @@
+"""What every method is made of, and the pieces the methods share.
+
+A method (`Method`) is static: its networks, one pure update function per trained network (in
+iteration order), how an iteration strings them together (`mode`), how it starts, predicts and
+pictures. The training program only ever sees this interface; the states it carries are a dict
+of named network states (`States`), which is also what a checkpoint holds.
+
+An update reads the states of the iteration it sees and returns its own network's new state:
+
+    update(states, batch, key) -> (new state of its network, metrics)
+
+so an update cannot change another network, by construction. `run_iteration` calls them in
+order: in "alternating" mode each sees the networks the earlier ones have just updated, in
+"simultaneous" mode all see the states at the start of the iteration. `compile_method` jits every
+update on its own (each with its own optax state, data-parallel over a mesh) and the whole
+iteration as one program; both give the same result.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lsd_jax import losses, parallel
+from lsd_jax.models import check_training_size
+from lsd_jax.models.vgg_fcn import check_image
+
+UPDATE_MODES = ("alternating", "simultaneous")
+# float64 is for reference evaluations in tests and checks (it needs jax_enable_x64).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+Params = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class NetState:
+    """One network's trainable state. `frozen` holds variables that are never trained."""
+
+    params: Params
+    opt_state: optax.OptState
+    frozen: Params = flax.struct.field(default_factory=dict)
+
+    def variables(self) -> dict:
+        return {"params": self.params, **({"frozen": self.frozen} if self.frozen else {})}
+
+
+States = dict[str, NetState]  # network name -> state; "f" is the segmentation network
+Update = Callable[[States, Batch, jax.Array], tuple[NetState, Metrics]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Everything static about one method for one config.
+
+    networks: the modules by name, "f" (the segmentation network every method has) first.
+    updates: network name -> its pure update, in the order an iteration runs them.
+    mode: "alternating" or "simultaneous" (see `run_iteration`).
+    init: key -> fresh states (only shapes matter to the caller: it is jitted).
+    predict: (F's variables, images) -> class scores at the images' size.
+    pictures: (states, batch) -> {"<domain>_prediction": ids, "<domain>_reconstruction": images}
+        for the domains in the batch (reconstructions only for methods that make images).
+    learning_rates: step -> {"lr/<name>": rate} for the summaries.
+    output_shapes: (states, images) -> {network: {output name: shape}} for `--mode summary`.
+    reads_target: whether the training batches need target images.
+    console_terms: the metrics shown on the console line.
+    """
+
+    name: str
+    networks: Mapping[str, nn.Module]
+    updates: Mapping[str, Update]
+    mode: str
+    init: Callable[[jax.Array], States]
+    predict: Callable[[dict, jax.Array], jax.Array]
+    pictures: Callable[[States, Batch], dict]
+    learning_rates: Callable[[int], dict[str, float]]
+    output_shapes: Callable[[States, Any], dict]
+    reads_target: bool
+    console_terms: tuple[str, ...]
+
+
+def run_iteration(updates: Mapping[str, Update], mode: str, states: States, batch: Batch,
+                  key: jax.Array) -> tuple[States, Metrics]:
+    """One iteration from a method's updates (compiled separately or not).
+
+    alternating: each update sees the networks the updates before it have just changed.
+    simultaneous: every update sees the states at the start of the iteration.
+    Metrics come back as "<network>/<term>".
+    """
+    if mode not in UPDATE_MODES:
+        raise ValueError(f"update mode: expected one of {UPDATE_MODES}, got {mode!r}")
+    current, metrics = dict(states), {}
+    for name, update in updates.items():
+        current[name], own = update(current if mode == "alternating" else states, batch, key)
+        metrics.update({f"{name}/{term}": value for term, value in own.items()})
+    return current, metrics
+
+
+class Compiled(NamedTuple):
+    """A method's compiled programs. `step` is one whole iteration (states donated when asked);
+    `separate_step` the same iteration as one compiled call per update."""
+
+    updates: dict[str, Callable]
+    step: Callable
+    separate_step: Callable
+
+
+def compile_method(method: Method, donate: bool = True, mesh=None) -> Compiled:
+    """jit-compiles every update and the whole iteration.
+
+    With a mesh, every program is data-parallel: batches are split over the mesh's data axis
+    and states replicated (gradients are all-reduced by XLA). The separate updates never
+    donate: in "simultaneous" mode each needs the others' old states after they have changed.
+    """
+    def compile_(fn, donate_states):
+        donated = (0,) if donate_states else ()
+        if mesh is None:
+            return jax.jit(fn, donate_argnums=donated)
+        rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+        jitted = jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+                         donate_argnums=donated)
+        return parallel.BatchChecked(jitted, 1, mesh)
+
+    updates = {name: compile_(fn, False) for name, fn in method.updates.items()}
+    return Compiled(
+        updates=updates,
+        step=compile_(functools.partial(run_iteration, method.updates, method.mode), donate),
+        separate_step=functools.partial(run_iteration, updates, method.mode),
+    )
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"config.{field}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def model_dtype(config):
+    check_choice("model.dtype", config.model.dtype, DTYPES)
+    return DTYPES[config.model.dtype]
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: NetState, grads) -> NetState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+def with_grad_norm(metrics: Metrics, grads) -> Metrics:
+    return {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+
+def f_learning_rate_schedule(optim) -> optax.Schedule:
+    """F's lr: x lr_decay_factor every lr_decay_steps (constant when lr_decay_steps is 0)."""
+    if not optim.lr_decay_steps:
+        return optax.constant_schedule(optim.f_lr)
+    return optax.exponential_decay(optim.f_lr, transition_steps=optim.lr_decay_steps,
+                                   decay_rate=optim.lr_decay_factor, staircase=True)
+
+
+def f_optimizer(optim) -> optax.GradientTransformation:
+    """Adam for F+C with the biases at f_bias_lr_mult x the weights' lr, as LSD's reference does
+    (`config.optim`, shared by LSD and the baselines)."""
+    schedule = f_learning_rate_schedule(optim)
+    bias_schedule = lambda step: optim.f_bias_lr_mult * schedule(step)  # noqa: E731
+
+    def label(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "bias" if path[-1].key == "bias" else "weight", params)
+
+    adam = lambda lr: optax.adam(lr, b1=optim.f_b1, b2=optim.f_b2)  # noqa: E731
+    return optax.multi_transform({"weight": adam(schedule), "bias": adam(bias_schedule)}, label)
+
+
+def f_learning_rates(optim) -> Callable[[int], dict[str, float]]:
+    schedule = f_learning_rate_schedule(optim)
+
+    def rates(step):
+        f_lr = float(schedule(step))
+        return {"lr/f": f_lr, "lr/f_bias": f_lr * optim.f_bias_lr_mult}
+    return rates
+
+
+def init_network(module: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                 *inputs, **kwargs) -> NetState:
+    """A network's fresh state from example inputs (parameter shapes never depend on the image
+    size, so tiny ones do). Compiled: eager initialisers round differently in the last bit."""
+    variables = jax.jit(lambda k: module.init(k, *inputs, **kwargs))(key)
+    params = variables["params"]
+    return NetState(params, tx.init(params), variables.get("frozen", {}))
+
+
+def init_keys(key: jax.Array) -> jax.Array:
+    """Three keys to initialise a method's networks from, F's first: F's is the same for every
+    method, so that every method's run of one seed starts from the same F."""
+    return jax.random.split(key, 3)
+
+
+def example_image() -> jax.Array:
+    return jnp.zeros((1, 32, 32, 3), jnp.float32)
+
+
+def predict_first_output(module: nn.Module):
+    """`Method.predict` for a network whose first output is the class scores."""
+    return lambda variables, image: module.apply(variables, image, train=False)[0]
+
+
+def check_batch(batch: Batch, with_target: bool = True, with_image01: bool = True) -> None:
+    """Shapes and dtypes of a training batch, or an error that says what was expected.
+    image01 (the images in [0, 1]) is what G reconstructs and D sees in LSD."""
+    domains = ("source", "target") if with_target else ("source",)
+    keys = [f"{d}_image" for d in domains] + ["source_label"]
+    keys += [f"{d}_image01" for d in domains] if with_image01 else []
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"training batch: missing {missing}; expected keys {keys}")
+    for d in domains:
+        image = batch[f"{d}_image"]
+        check_image(image, f"batch['{d}_image']")
+        check_training_size(*image.shape[1:3])
+        if with_image01 and batch[f"{d}_image01"].shape != image.shape:
+            raise ValueError(f"batch['{d}_image01']: expected shape {tuple(image.shape)} like "
+                             f"batch['{d}_image'], got {tuple(batch[f'{d}_image01'].shape)}")
+    label, image = batch["source_label"], batch["source_image"]
+    if label.shape != image.shape[:3]:
+        raise ValueError(f"batch['source_label']: expected shape {tuple(image.shape[:3])} (N, H, W) "
+                         f"to match batch['source_image'], got {tuple(label.shape)}")
+    if not jnp.issubdtype(label.dtype, jnp.integer):
+        raise ValueError(f"batch['source_label']: expected integer class ids, got {label.dtype}")
+
+
+def check_reduction(config) -> str:
+    check_choice("loss.reduction", config.loss.reduction, losses.REDUCTIONS)
+    return config.loss.reduction
