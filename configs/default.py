@@ -46,6 +46,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
         config.method = method
         config.update_mode = "simultaneous"
         config[method].update(fields)
+        config.data.source.flip = False  # their references do not flip
     if variant in ("source_only", "target_only"):
         config.method = "source_only"
     if variant == "target_only":

@@ -5,6 +5,14 @@
     python -m lsd_jax.main --config configs/gta.py --workdir runs/gta --mode eval
     python -m lsd_jax.main --config configs/gta.py:source_only --workdir runs/gta_source_only
     python -m lsd_jax.main --config configs/gta.py:target_only --workdir runs/gta_oracle
+    python -m lsd_jax.main --config configs/gta.py:adaptsegnet --workdir runs/gta_adaptsegnet
+        (likewise :adaptsegnet_multi, :adaptsegnet_ls, :advent, :minent)
+
+The output-space variants (docs/methods.md, section 8) run here on FCN-8s with LSD's data
+settings (1024x512 source crops, no flip), their references' weights, optimisers and iteration
+counts (AdaptSegNet 150k, ADVENT 120k); their published numbers are for DeepLab-v2 backbones
+at other sizes (GTA5 -> Cityscapes, ResNet-101: AdaptSegNet 41.4 single-level, 42.4
+multi-level; MinEnt 42.3, AdvEnt 43.8), so they are not expected here.
 
 Data (prepared once, see docs/data.md): `gta5/1280x720_jpeg` (source, random 1024x512 crops),
 `cityscapes_extracted/1024x512` (target, whole images), `cityscapes_extracted/full` (evaluation
@@ -32,4 +40,7 @@ def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     data.source.crop = (512, 1024)
     default.use_cityscapes_target(config)
     config.train.eval_every = 5000
-    return default.apply_variant(config, variant)
+    config = default.apply_variant(config, variant)
+    if config.method in ("adaptsegnet", "advent"):  # the references' iteration counts
+        config.train.num_steps = 150_000 if config.method == "adaptsegnet" else 120_000
+    return config

@@ -5,6 +5,13 @@ score of the same model (docs/methods.md, sections 5-6), at 1024x512.
         --config.init.vgg16_weights=/path/to/vgg16_weights_tf_dim_ordering_tf_kernels.h5
     python -m lsd_jax.main --config configs/synthia.py --workdir runs/synthia --mode eval
     python -m lsd_jax.main --config configs/synthia.py:source_only --workdir runs/synthia_so
+    python -m lsd_jax.main --config configs/synthia.py:advent --workdir runs/synthia_advent
+        (likewise :adaptsegnet, :adaptsegnet_multi, :adaptsegnet_ls, :minent)
+
+The output-space variants (docs/methods.md, section 8) run on FCN-8s with LSD's data settings
+and their references' weights, optimisers and iteration counts (AdaptSegNet 150k, ADVENT 90k);
+their published numbers are for DeepLab-v2 ResNet-101 (13 classes: AdaptSegNet multi-level
+46.7; AdvEnt 47.6), not this network.
 
 Data (see docs/data.md): `synthia/16` (source, random 1024x512 crops of the 1280x760 frames), `cityscapes_extracted/1024x512` (target),
 `cityscapes_extracted/full` (evaluation; Cityscapes labels mapped to the 16 classes). Model
@@ -31,4 +38,7 @@ def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     data.source.crop = (512, 1024)
     default.use_cityscapes_target(config)
     config.train.eval_every = 5000
-    return default.apply_variant(config, variant)
+    config = default.apply_variant(config, variant)
+    if config.method in ("adaptsegnet", "advent"):  # the references' iteration counts
+        config.train.num_steps = 150_000 if config.method == "adaptsegnet" else 90_000
+    return config

@@ -27,10 +27,12 @@ def leaves(tree):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(data_dir, tmp_path):
-    """4 steps straight through == 2 steps, stop, resume to 4 (same seed, CPU)."""
-    programs = tiny_programs()
-    config = tiny_config(data_dir)
+@pytest.mark.parametrize("variant", ["lsd", "adaptsegnet_multi"])
+def test_resume_continues_exactly(data_dir, tmp_path, variant):
+    """4 steps straight through == 2 steps, stop, resume to 4 (same seed, CPU): every network's
+    state, whatever the method's networks are."""
+    programs = tiny_programs(variant)
+    config = tiny_config(data_dir, variant)
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"), programs=programs,
                                         evaluate_at_end=False)
 
