@@ -63,6 +63,16 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     return config
 
 
+def use_reference_iterations(config: ml_collections.ConfigDict,
+                             advent_steps: int) -> ml_collections.ConfigDict:
+    """The output-space methods' iteration counts in their references: AdaptSegNet 150k,
+    ADVENT `advent_steps` (120k from GTA5, 90k from SYNTHIA). Other methods: unchanged."""
+    steps = {"adaptsegnet": 150_000, "advent": advent_steps}.get(config.method)
+    if steps is not None:
+        config.train.num_steps = steps
+    return config
+
+
 def use_cityscapes_target(config: ml_collections.ConfigDict,
                           held_out: int = 200) -> ml_collections.ConfigDict:
     """Cityscapes as the target at 1024x512 (GTA5 and SYNTHIA alike): adapt on the stored

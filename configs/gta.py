@@ -40,7 +40,4 @@ def get_config(variant: str = "lsd") -> ml_collections.ConfigDict:
     data.source.crop = (512, 1024)
     default.use_cityscapes_target(config)
     config.train.eval_every = 5000
-    config = default.apply_variant(config, variant)
-    if config.method in ("adaptsegnet", "advent"):  # the references' iteration counts
-        config.train.num_steps = 150_000 if config.method == "adaptsegnet" else 120_000
-    return config
+    return default.use_reference_iterations(default.apply_variant(config, variant), 120_000)

@@ -543,15 +543,9 @@ def default_programs_for() -> Callable[[str, Any], Any]:
 
 def run_stopping_errors() -> tuple[type[BaseException], ...]:
     """What training raises for the user to act on (a NaN loss, a missing dataset, a failed
-    checkpoint save, Ctrl-C): lsd_jax.errors.UserError; where the package predates that module,
-    the three errors the training modules and checkpoint.py raised themselves."""
-    try:
-        from lsd_jax.errors import UserError
-        return (UserError,)
-    except ImportError:
-        from lsd_jax import checkpoint, preflight, train
-        return (train.NonFiniteLossError, preflight.DatasetMissingError,
-                checkpoint.IncompatibleWorkdirError)
+    checkpoint save, Ctrl-C): lsd_jax.errors.UserError."""
+    from lsd_jax.errors import UserError
+    return (UserError,)
 
 
 def train_run(config, directory: str, programs) -> dict:

@@ -17,7 +17,6 @@ from lsd_jax.errors import ConfigError, UserError
 from lsd_jax.models import check_training_size
 
 
-
 class DatasetMissingError(UserError, FileNotFoundError):
     """A dataset the config names is not prepared."""
 

@@ -16,7 +16,6 @@ from lsd_jax import checkpoint, methods, parallel
 from lsd_jax.errors import ConfigError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Programs:
     """Everything compiled for a config: built once and reusable across runs of one process
@@ -31,11 +30,15 @@ class Programs:
     pictures: Callable  # (states, batch) -> predictions (and reconstructions) for summaries
 
 
+# The config blocks that only the run uses; the compiled programs depend on every other field
+# (the method, its networks, losses and optimisers, whichever block holds them).
+RUN_ONLY_FIELDS = ("seed", "data", "train", "checkpoint", "eval", "init")
+
+
 def _programs_fingerprint(config) -> str:
     """The fields the compiled programs depend on."""
     flat = checkpoint.flatten_config(config)
-    used = {k: v for k, v in flat.items() if k.split(".")[0] in
-            ("method", "num_classes", "model", "update_mode", "loss", "optim")}
+    used = {k: v for k, v in flat.items() if k.split(".")[0] not in RUN_ONLY_FIELDS}
     return repr(sorted(used.items()))
 
 

@@ -11,7 +11,6 @@ from lsd_jax import methods
 from lsd_jax.preflight import training_size
 
 
-
 def model_summary(config) -> str:
     """The method's networks: parameter overviews (totals in full) and output shapes at the
     config's training size and batch, from shapes alone (jax.eval_shape): no data, no compute."""

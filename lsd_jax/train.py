@@ -44,84 +44,9 @@ from lsd_jax.programs import (Programs, abstract_states, base_key, build_program
                               check_programs, initial_states)
 
 
-
 class NonFiniteLossError(UserError, FloatingPointError):
     """A loss term became NaN or inf; the run stops, keeping the last good checkpoint."""
 
-
-
-
-# ----------------------------------------------------------------------------- config checks
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- programs
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- states
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- pictures
-
-
-
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- training
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
@@ -312,19 +237,3 @@ def _train_loop(config, workdir, programs: Programs, saver: checkpoint.Saver,
                          saver.describe(saver.last_good))
             return TrainResult(done, states, selection, None, stopped_by="SIGTERM")
     return TrainResult(max(start, num_steps), states, selection, None)
-
-
-
-
-# ----------------------------------------------------------------------------- eval mode
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- summary mode
-
-
-

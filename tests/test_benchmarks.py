@@ -56,6 +56,11 @@ def test_step_time_runs_and_profiles_a_tiny_iteration(tmp_path):
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["mode"] == "simultaneous" and row["num_devices"] == 1
     assert row["median_s_per_iter"] > 0 and row["flops_per_iter"] > 1e6
+    # Composed, XLA shares the forward passes of the three updates, so the compiled program
+    # does less work than the updates as traced, which TFLOP/s counts.
+    assert row["traced_flops_per_iter"] > row["flops_per_iter"]
+    assert row["tflops_per_s"] == pytest.approx(
+        row["traced_flops_per_iter"] / row["median_s_per_iter"] / 1e12)
     assert len(row["losses"]) == 3 and all(map(math.isfinite, row["losses"]))
     assert len(row["profile_top_ms"]) == 5, row.get("profile_error")
     assert any("FCN8s" in what or "Generator" in what or "Discriminator" in what

@@ -206,7 +206,8 @@ def test_s_loss_matches_a_pytorch_transcription(variant):
 
     variables = {"params": s_params, "frozen": states["f"].frozen}
     source, target = ({level: as_torch(o) for level, o in adaptsegnet.level_outputs(
-        parts, variables, batch[f"{domain}_image"], adaptsegnet.dropout_key(key, domain)).items()}
+        parts, variables, batch[f"{domain}_image"],
+        methods.base.f_dropout_key(key, domain)).items()}
         for domain in ("source", "target"))
     d_modules = {}
     for level, params in d_params.items():
@@ -226,7 +227,7 @@ def test_d_loss_matches_a_pytorch_transcription():
     parts = adaptsegnet.build_parts(variant_config("adaptsegnet"))
     _, states, _ = built("adaptsegnet")
     logits = jax.random.normal(jax.random.key(4), (2, 2, 64, 64, CLASSES)) * 2
-    loss, metrics = adaptsegnet.d_loss(parts, "d", states["d"].params, logits[0], logits[1])
+    loss, metrics = adaptsegnet.d_loss(parts, states["d"].params, logits[0], logits[1])
     reference = torch_fc_discriminator(CLASSES, ndf=4)
     load_into_torch(states["d"].params, reference)
     out = [reference(F.softmax(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()),
@@ -257,11 +258,11 @@ def test_compiled_s_and_d_gradients_match_float64(variant):
             parts, p, frozen, d_params, batch, key)[0]))(s_params)}
         variables = {"params": s_params, "frozen": frozen}
         maps = [adaptsegnet.level_outputs(parts, variables, batch[f"{domain}_image"],
-                                          adaptsegnet.dropout_key(key, domain))
+                                          methods.base.f_dropout_key(key, domain))
                 for domain in ("source", "target")]
         for level in parts.levels:
             out[level] = jax.jit(jax.grad(lambda p, level=level: adaptsegnet.d_loss(
-                parts, level, p, maps[0][level], maps[1][level])[0]))(d_params[level])
+                parts, p, maps[0][level], maps[1][level])[0]))(d_params[level])
         return out
 
     f32 = grads(jnp.float32)

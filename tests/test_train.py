@@ -240,6 +240,15 @@ def test_the_oracle_trains_on_the_target_as_later_overrides_leave_it():
     assert config.data.source.flip and not config.data.target.flip
 
 
+def test_programs_built_for_other_method_weights_are_refused(tmp_path):
+    config = tiny_config(str(tmp_path / "tfds"), "adaptsegnet")
+    config.adaptsegnet.adv_weight = 0.01
+    with pytest.raises(ValueError, match="built for another config"):
+        train.train_and_evaluate(config, str(tmp_path / "run"),
+                                 programs=tiny_programs("adaptsegnet"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_console_line_is_readable():
     line = reporting.console_line(150, 300, {"f/seg": 1234.5, "d/loss": 2.25, "x": 1},
                                   ("f/seg", "f/adv", "d/loss"), 2.0)

@@ -32,7 +32,7 @@ from lsd_jax.models import FCN8s
 from lsd_jax.models.fc_discriminator import FCDiscriminator
 from lsd_jax.models.layers import at_least_float32
 
-# The levels of S's output: (name of D's network, index of the output in S's outputs).
+# S's output levels, named by the network that discriminates each.
 MAIN, AUX = "d", "d_aux"
 
 
@@ -119,13 +119,6 @@ def check_block(block, field: str, weight_fields: tuple[str, ...]) -> None:
             raise ValueError(f"config.{field}.{name}={value!r}: expected a positive number")
 
 
-def segmenter(config, aux_classifier: bool) -> FCN8s:
-    m = config.model
-    return FCN8s(config.num_classes, m.width, m.dropout_rate, base.model_dtype(config),
-                 remat=bool(m.remat_f), plain_kernels=bool(m.plain_kernels),
-                 aux_classifier=aux_classifier)
-
-
 def discriminator(config) -> FCDiscriminator:
     return FCDiscriminator(config.model.width, base.model_dtype(config))
 
@@ -135,7 +128,7 @@ def build_parts(config) -> Parts:
     check_block(block, "adaptsegnet", ("seg_aux_weight", "adv_weight", "adv_aux_weight"))
     base.check_choice("adaptsegnet.gan", block.gan, output_space.GAN_LOSSES)
     return Parts(
-        s=segmenter(config, block.multi_level), d=discriminator(config),
+        s=base.segmentation_network(config, block.multi_level), d=discriminator(config),
         s_tx=s_optimizer(block), d_tx=d_optimizer(block), gan=block.gan,
         weights=Weights(block.seg_aux_weight, block.adv_weight, block.adv_aux_weight),
         multi_level=bool(block.multi_level),
@@ -143,11 +136,6 @@ def build_parts(config) -> Parts:
 
 
 # ----------------------------------------------------------------------------- forward passes
-
-def dropout_key(key: jax.Array, domain: str) -> jax.Array:
-    """S's dropout key for a domain's images: the ids LSD's F uses (lsd.DropoutKeys)."""
-    return jax.random.fold_in(key, {"source": 0, "target": 1}[domain])
-
 
 def level_outputs(parts: Parts, s_variables, image, key) -> dict[str, jax.Array]:
     """S's logits at the input size in training mode, by level: {"d": main, "d_aux": aux}."""
@@ -174,8 +162,9 @@ def s_loss(parts: Parts, s_params, frozen, d_params: dict, batch, key) -> tuple[
     direct term (ADVENT's entropy)."""
     w = parts.weights
     variables = {"params": s_params, "frozen": frozen}
-    source = level_outputs(parts, variables, batch["source_image"], dropout_key(key, "source"))
-    target = level_outputs(parts, variables, batch["target_image"], dropout_key(key, "target"))
+    source, target = (level_outputs(parts, variables, batch[f"{domain}_image"],
+                                    base.f_dropout_key(key, domain))
+                      for domain in ("source", "target"))
     labels = batch["source_label"]
     terms = {"seg": losses.ce2d(source[MAIN], labels, "mean")}
     loss = terms["seg"]
@@ -195,8 +184,7 @@ def s_loss(parts: Parts, s_params, frozen, d_params: dict, batch, key) -> tuple[
     return loss, {"loss": loss, **terms}
 
 
-def d_loss(parts: Parts, level: str, d_params, source_logits, target_logits
-           ) -> tuple[jax.Array, Metrics]:
+def d_loss(parts: Parts, d_params, source_logits, target_logits) -> tuple[jax.Array, Metrics]:
     """0.5 x (source maps called source) + 0.5 x (target maps called target)."""
     out_s = _discriminate(parts, d_params, source_logits)
     out_t = _discriminate(parts, d_params, target_logits)
@@ -227,10 +215,11 @@ def d_update(parts: Parts, level: str, d_state: NetState, s_variables, batch, ke
     update, so in "simultaneous" mode the very maps S's update computed)."""
     check_batch(batch)
     source, target = jax.lax.stop_gradient(tuple(
-        level_outputs(parts, s_variables, batch[f"{domain}_image"], dropout_key(key, domain))
-        [level] for domain in ("source", "target")))
+        level_outputs(parts, s_variables, batch[f"{domain}_image"],
+                      base.f_dropout_key(key, domain))[level]
+        for domain in ("source", "target")))
     grads, metrics = jax.grad(
-        lambda p: d_loss(parts, level, p, source, target), has_aux=True)(d_state.params)
+        lambda p: d_loss(parts, p, source, target), has_aux=True)(d_state.params)
     return base.apply_gradients(parts.d_tx, d_state, grads), base.with_grad_norm(metrics, grads)
 
 
@@ -259,18 +248,10 @@ def method_from_parts(name: str, config, parts: Parts, block) -> base.Method:
             states[level] = base.init_network(parts.d, parts.d_tx, k, maps)
         return states
 
-    def pictures(states, batch):
-        return {f"{domain}_prediction": jnp.argmax(parts.s.apply(
-            states["f"].variables(), batch[f"{domain}_image"], train=False)[0], axis=-1)
-            for domain in ("source", "target")}
-
     def output_shapes(states, image):
-        outputs = jax.eval_shape(lambda v, x: parts.s.apply(v, x, train=False),
-                                 states["f"].variables(), image)
-        names = ("score", "fc7", "pool4", "pool3", "score_aux")
-        shapes = {"f": dict(zip(names, outputs))}
+        shapes = {"f": base.f_output_shapes(parts.s, states, image)}
         for level in levels:
-            maps = jax.ShapeDtypeStruct(outputs[0].shape, jnp.float32)
+            maps = jax.ShapeDtypeStruct(shapes["f"]["score"].shape, jnp.float32)
             shapes[level] = {"domain": jax.eval_shape(
                 lambda p, x: parts.d.apply({"params": p}, x), states[level].params, maps)}
         return shapes
@@ -286,7 +267,8 @@ def method_from_parts(name: str, config, parts: Parts, block) -> base.Method:
         mode=config.update_mode,
         init=init,
         predict=base.predict_first_output(parts.s),
-        pictures=pictures,
+        pictures=lambda states, batch: base.predictions(parts.s, states, batch,
+                                                        ("source", "target")),
         learning_rates=learning_rates,
         output_shapes=output_shapes,
         reads_target=True,

@@ -24,7 +24,7 @@ def build_parts(config) -> adaptsegnet.Parts:
                                               "target_aux_weight"))
     adversarial = block.kind == "advent"
     return adaptsegnet.Parts(
-        s=adaptsegnet.segmenter(config, block.multi_level),
+        s=base.segmentation_network(config, block.multi_level),
         d=adaptsegnet.discriminator(config) if adversarial else None,
         s_tx=adaptsegnet.s_optimizer(block),
         d_tx=adaptsegnet.d_optimizer(block) if adversarial else None,

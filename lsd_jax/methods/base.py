@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from lsd_jax import losses, parallel
-from lsd_jax.models import check_training_size
+from lsd_jax.models import FCN8s, check_training_size
 from lsd_jax.models.vgg_fcn import check_image
 
 UPDATE_MODES = ("alternating", "simultaneous")
@@ -206,9 +206,40 @@ def example_image() -> jax.Array:
     return jnp.zeros((1, 32, 32, 3), jnp.float32)
 
 
+def segmentation_network(config, aux_classifier: bool = False) -> FCN8s:
+    """F+C (S) of every method, from `config.model`."""
+    m = config.model
+    return FCN8s(config.num_classes, m.width, m.dropout_rate, model_dtype(config),
+                 remat=bool(m.remat_f), plain_kernels=bool(m.plain_kernels),
+                 aux_classifier=aux_classifier)
+
+
+F_OUTPUTS = ("score", "fc7", "pool4", "pool3", "score_aux")  # FCN8s's outputs, in order
+
+
+def f_dropout_key(key: jax.Array, domain: str) -> jax.Array:
+    """F's dropout key for one domain's images in an iteration: the ids LSD's DropoutKeys give
+    F's two passes, so that every method draws the same masks from one step key."""
+    return jax.random.fold_in(key, {"source": 0, "target": 1}[domain])
+
+
 def predict_first_output(module: nn.Module):
     """`Method.predict` for a network whose first output is the class scores."""
     return lambda variables, image: module.apply(variables, image, train=False)[0]
+
+
+def f_output_shapes(f: FCN8s, states: States, image) -> dict:
+    """{output name: shape} of F for `images` (`Method.output_shapes`' entry for "f")."""
+    outputs = jax.eval_shape(lambda v, x: f.apply(v, x, train=False), states["f"].variables(),
+                             image)
+    return dict(zip(F_OUTPUTS, outputs))
+
+
+def predictions(f: FCN8s, states: States, batch: Batch, domains: tuple[str, ...]) -> dict:
+    """{"<domain>_prediction": class ids} of F for the batch's images (`Method.pictures`)."""
+    return {f"{domain}_prediction": jnp.argmax(
+        f.apply(states["f"].variables(), batch[f"{domain}_image"], train=False)[0], axis=-1)
+        for domain in domains}
 
 
 def check_batch(batch: Batch, with_target: bool = True, with_image01: bool = True) -> None:

@@ -83,13 +83,11 @@ def build_networks(config) -> Networks:
     base.check_reduction(config)
     m = config.model
     dtype = base.model_dtype(config)
-    # Rematerialisation: trades activation memory for recomputation in the backward pass.
-    remat_f, remat_g = bool(m.remat_f), bool(m.remat_g)
     plain = bool(m.plain_kernels)
     return Networks(
-        f=FCN8s(config.num_classes, m.width, m.dropout_rate, dtype, remat=remat_f,
-                plain_kernels=plain),
-        g=Generator(m.width, m.dropout_rate, dtype, remat=remat_g, plain_kernels=plain),
+        f=base.segmentation_network(config),
+        # Rematerialisation: trades activation memory for recomputation in the backward pass.
+        g=Generator(m.width, m.dropout_rate, dtype, remat=bool(m.remat_g), plain_kernels=plain),
         d=Discriminator(config.num_classes, m.width, m.dropout_rate, dtype,
                         plain_kernels=plain),
         f_tx=base.f_optimizer(config.optim),
@@ -260,13 +258,12 @@ def build(config, nets: Networks | None = None) -> base.Method:
         return out
 
     def output_shapes(states, image):
-        score, *features = jax.eval_shape(
-            lambda v, x: nets.f.apply(v, x, train=False), states["f"].variables(), image)
+        f_out = base.f_output_shapes(nets.f, states, image)
         g_out = jax.eval_shape(lambda p, *fs: nets.g.apply({"params": p}, *fs, train=False),
-                               states["g"].params, *features)
+                               states["g"].params, f_out["fc7"], f_out["pool4"], f_out["pool3"])
         d_out = jax.eval_shape(lambda p, x: nets.d.apply({"params": p}, x, train=False),
                                states["d"].params, image)
-        return {"f": dict(zip(("score", "fc7", "pool4", "pool3"), (score, *features))),
+        return {"f": f_out,
                 "g": {"image": g_out},  # from F's fc7, pool4 and pool3
                 "d": dict(zip(("out_s", "out_c"), d_out))}
 

@@ -4,11 +4,9 @@ alone, with LSD's optimiser for F (`config.optim`) and its segmentation loss
 configs' `target_only` variant)."""
 
 import jax
-import jax.numpy as jnp
 
 from lsd_jax import losses
 from lsd_jax.methods import base
-from lsd_jax.models import FCN8s
 
 
 def source_only_loss(f, reduction, params, frozen, batch, key):
@@ -20,8 +18,7 @@ def source_only_loss(f, reduction, params, frozen, batch, key):
 
 def f_update(f, tx, reduction, f_state, batch, key):
     base.check_batch(batch, with_target=False, with_image01=False)
-    # The same dropout key as LSD's F on source images (fold_in id 0).
-    key = jax.random.fold_in(key, 0)
+    key = base.f_dropout_key(key, "source")
     grads, metrics = jax.grad(
         lambda p: source_only_loss(f, reduction, p, f_state.frozen, batch, key),
         has_aux=True)(f_state.params)
@@ -29,20 +26,9 @@ def f_update(f, tx, reduction, f_state, batch, key):
 
 
 def build(config) -> base.Method:
-    m = config.model
-    f = FCN8s(config.num_classes, m.width, m.dropout_rate, base.model_dtype(config),
-              remat=bool(m.remat_f), plain_kernels=bool(m.plain_kernels))
+    f = base.segmentation_network(config)
     tx = base.f_optimizer(config.optim)
     reduction = base.check_reduction(config)
-
-    def pictures(states, batch):
-        score = f.apply(states["f"].variables(), batch["source_image"], train=False)[0]
-        return {"source_prediction": jnp.argmax(score, axis=-1)}
-
-    def output_shapes(states, image):
-        outputs = jax.eval_shape(lambda v, x: f.apply(v, x, train=False),
-                                 states["f"].variables(), image)
-        return {"f": dict(zip(("score", "fc7", "pool4", "pool3"), outputs))}
 
     return base.Method(
         name="source_only",
@@ -52,9 +38,9 @@ def build(config) -> base.Method:
         init=lambda key: {"f": base.init_network(f, tx, base.init_keys(key)[0],
                                                 base.example_image(), train=False)},
         predict=base.predict_first_output(f),
-        pictures=pictures,
+        pictures=lambda states, batch: base.predictions(f, states, batch, ("source",)),
         learning_rates=base.f_learning_rates(config.optim),
-        output_shapes=output_shapes,
+        output_shapes=lambda states, image: {"f": base.f_output_shapes(f, states, image)},
         reads_target=False,
         console_terms=("f/seg",),
     )
