@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze
 
+from lsd_jax.models.deeplab import ASPP_DILATIONS, LARGEFOV_BLOCKS, RESNET101_BLOCKS
 from lsd_jax.models.vgg_fcn import VGG_BLOCKS
 
 logger = logging.getLogger(__name__)
@@ -395,17 +396,75 @@ def _tensor_names(layers, frozen: Sequence[str] = ()) -> tuple[TensorName, ...]:
     return tuple(names)
 
 
+def _batch_norm_names(ours: str, reference: str) -> tuple[TensorName, ...]:
+    """A TorchBatchNorm's four tensors: PyTorch's affine weight/bias (our "frozen" scale/bias)
+    and running statistics (our "batch_stats")."""
+    module = tuple(ours.split("/"))
+    return (TensorName(("frozen", *module, "scale"), f"{reference}.weight", BIAS),
+            TensorName(("frozen", *module, "bias"), f"{reference}.bias", BIAS),
+            TensorName(("batch_stats", *module, "mean"), f"{reference}.running_mean", BIAS),
+            TensorName(("batch_stats", *module, "var"), f"{reference}.running_var", BIAS))
+
+
+def _aspp_layers(ours: str, reference: str):
+    return tuple((f"{ours}/conv{k}", f"{reference}.conv2d_list.{k}", CONV, True)
+                 for k in range(len(ASPP_DILATIONS)))
+
+
+def _deeplab_resnet_names(blocks: Sequence[int], aux_classifier: bool) -> tuple[TensorName, ...]:
+    """DeepLab-v2 ResNet under the names of the AdaptSegNet / ADVENT codes ("DeeplabMulti"):
+    `layer6` is the main classifier (on layer4), `layer5` the auxiliary one (on layer3)."""
+    names = list(_tensor_names((("conv1", "conv1", CONV, False),)))
+    names += _batch_norm_names("bn1", "bn1")
+    for stage, count in enumerate(blocks, 1):
+        for j in range(count):
+            ours, reference = f"layer{stage}_{j}", f"layer{stage}.{j}"
+            for k in (1, 2, 3):
+                names += _tensor_names(((f"{ours}/conv{k}", f"{reference}.conv{k}", CONV, False),))
+                names += _batch_norm_names(f"{ours}/bn{k}", f"{reference}.bn{k}")
+            if j == 0:
+                names += _tensor_names(((f"{ours}/downsample_conv", f"{reference}.downsample.0",
+                                         CONV, False),))
+                names += _batch_norm_names(f"{ours}/downsample_bn", f"{reference}.downsample.1")
+    names += _tensor_names(_aspp_layers("classifier", "layer6"))
+    if aux_classifier:
+        names += _tensor_names(_aspp_layers("classifier_aux", "layer5"))
+    return tuple(names)
+
+
+# DeepLab-v2 VGG16 LargeFOV as the AdaptSegNet code builds it: torchvision's `features` with
+# pool4 (index 23) and pool5 removed, so conv5_x are features.23/25/27 and fc6/fc7 are
+# features.29/31 behind them; the classifier is `classifier`.
+def _largefov_layers():
+    layers, index = [], 0
+    for b, widths in enumerate(LARGEFOV_BLOCKS, 1):
+        for i in range(1, len(widths) + 1):
+            layers.append((f"conv{b}_{i}", f"features.{index}", CONV, True))
+            index += 2  # conv, ReLU
+        if b <= 3:
+            index += 1  # the pool
+    layers += [("fc6", f"features.{index}", CONV, True), ("fc7", f"features.{index + 2}", CONV, True)]
+    return tuple(layers) + _aspp_layers("classifier", "classifier")
+
+
 # Network -> every tensor it has, under both names. Used for import and export alike.
 TORCH_NAMES: dict[str, tuple[TensorName, ...]] = {
     "F": _tensor_names(FCN8S_LAYERS, FCN8S_FROZEN),
     "G": _tensor_names(GENERATOR_LAYERS),
     "D": _tensor_names(DISCRIMINATOR_LAYERS),
+    "deeplabv2_resnet101": _deeplab_resnet_names(RESNET101_BLOCKS, aux_classifier=False),
+    "deeplabv2_resnet101_multi": _deeplab_resnet_names(RESNET101_BLOCKS, aux_classifier=True),
+    "deeplabv2_vgg16": _tensor_names(_largefov_layers()),
 }
-NETWORK_NAMES = {"F": "F (FCN8s)", "G": "G (Generator)", "D": "D (Discriminator)"}
+NETWORK_NAMES = {"F": "F (FCN8s)", "G": "G (Generator)", "D": "D (Discriminator)",
+                 "deeplabv2_resnet101": "DeepLab-v2 ResNet-101",
+                 "deeplabv2_resnet101_multi": "DeepLab-v2 ResNet-101 with its auxiliary classifier",
+                 "deeplabv2_vgg16": "DeepLab-v2 VGG16 LargeFOV"}
 
 # PyTorch < 0.4 gave InstanceNorm running-statistics buffers that it never used (instance norm
 # normalises with each image's own statistics, in training and in evaluation), so the reference
-# checkpoints may carry them. None of our layers has such state: they are dropped.
+# checkpoints may carry them: they are dropped, as is BatchNorm's `num_batches_tracked` (our
+# TorchBatchNorm uses a fixed momentum); statistics a name table lists (DeepLab's) are kept.
 IGNORED_TORCH_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
 # Where training scripts commonly put the state_dict inside a checkpoint dict; LSD-seg's trainer
@@ -493,8 +552,10 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], variables: Variables, ne
     _check_table_fits(flat, table, network)
     what = NETWORK_NAMES[network]
 
-    state = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_TORCH_SUFFIXES)}
     expected = [name.torch for name in table]
+    listed = set(expected)
+    state = {k: v for k, v in state_dict.items()
+             if k in listed or not k.endswith(IGNORED_TORCH_SUFFIXES)}
     missing = [k for k in expected if k not in state]
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
