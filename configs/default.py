@@ -113,6 +113,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_classes = 19
 
     config.model = ml_collections.ConfigDict()
+    # F+C: "fcn8s_vgg16" (LSD-seg's, every method), or for the output-space methods and the
+    # baselines DeepLab-v2 "deeplabv2_resnet101" / "deeplabv2_vgg16" (LargeFOV), the published
+    # comparison networks (docs/methods.md, section 6).
+    config.model.backbone = "fcn8s_vgg16"
+    # DeepLab's BatchNorm: "batch" statistics in training, the running ones updated by both
+    # domains' passes, as the references train; or "frozen" running statistics.
+    config.model.bn_statistics = "batch"
+    # DeepLab's ASPP classifier: 4 branches summed, or 2 as the public AdaptSegNet code does.
+    config.model.aspp_branches = 4
+    # deeplabv2_resnet101's bottleneck blocks per stage (ResNet-50's would be 3, 4, 6, 3).
+    config.model.resnet_blocks = (3, 4, 23, 3)
     config.model.width = 1.0        # multiplier on every channel count of F, G and D
     config.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay f32)
     config.model.dropout_rate = 0.5  # fc6/fc7 channel dropout and the ResBlocks' dropout

@@ -67,7 +67,11 @@ def _import_weights(config, states: methods.States) -> methods.States:
 
     init = config.init
     f = states["f"]
-    f_vars = {"params": f.params, "frozen": f.frozen}
+    f_vars = f.variables()
+    for field in ("vgg16_weights", "torch_f"):
+        if init[field] and config.model.backbone != "fcn8s_vgg16":
+            raise ConfigError(f"config.init.{field} holds weights for FCN-8s, but "
+                              f"config.model.backbone={config.model.backbone!r}")
     if init.vgg16_weights:
         f_vars = weights.import_keras_vgg16(init.vgg16_weights, f_vars)
         logging.info("F's backbone: ImageNet VGG16 weights from %s", init.vgg16_weights)
@@ -78,7 +82,8 @@ def _import_weights(config, states: methods.States) -> methods.States:
         step, saved = checkpoint.read_network(init.f_workdir, "f", init.f_step)
         f_vars = _same_structure(saved, f_vars, f"F of step {step} in {init.f_workdir!r}")
         logging.info("F: from the checkpoint of step %d in %s", step, init.f_workdir)
-    states = {**states, "f": f.replace(params=f_vars["params"], frozen=f_vars["frozen"])}
+    states = {**states, "f": f.replace(params=f_vars["params"], frozen=f_vars.get("frozen", {}),
+                                       batch_stats=f_vars.get("batch_stats", {}))}
     for name, path, importer in (("g", init.torch_g, weights.import_torch_generator),
                                  ("d", init.torch_d, weights.import_torch_discriminator)):
         if not path:

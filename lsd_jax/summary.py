@@ -26,7 +26,8 @@ def model_summary(config) -> str:
 
     sections = [
         f"Config: method={config.method}, num_classes={config.num_classes}, "
-        f"model.width={config.model.width}, model.dtype={config.model.dtype}, "
+        f"model.backbone={config.model.backbone}, model.width={config.model.width}, "
+        f"model.dtype={config.model.dtype}, "
         f"input {batch}x{height}x{width}x3 (data.batch_size x data.source crop/resize)"]
     for name, module in method.networks.items():
         title, state = f"{name.upper()} ({type(module).__name__})", states[name]
@@ -41,6 +42,9 @@ def model_summary(config) -> str:
                             f"({trainable:,} trainable + {frozen:,} frozen)")
         else:
             sections.append(f"{name.upper()} total: {trainable:,} parameters")
+        if state.batch_stats:
+            sections.append(f"{name.upper()} BatchNorm running statistics: "
+                            f"{count(state.batch_stats):,} values")
         sections.append(f"{name.upper()} outputs (for the input above):\n" + "\n".join(
             f"  {n:<8} {tuple(o.shape)} {o.dtype}" for n, o in outputs[name].items()))
     return "\n\n".join(sections)

@@ -27,12 +27,14 @@ def leaves(tree):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["lsd", "adaptsegnet_multi"])
-def test_resume_continues_exactly(data_dir, tmp_path, variant):
+@pytest.mark.parametrize("variant, backbone", [("lsd", "fcn8s_vgg16"),
+                                               ("adaptsegnet_multi", "fcn8s_vgg16"),
+                                               ("adaptsegnet_multi", "deeplabv2_resnet101")])
+def test_resume_continues_exactly(data_dir, tmp_path, variant, backbone):
     """4 steps straight through == 2 steps, stop, resume to 4 (same seed, CPU): every network's
-    state, whatever the method's networks are."""
-    programs = tiny_programs(variant)
-    config = tiny_config(data_dir, variant)
+    state, whatever the method's networks are (DeepLab's BatchNorm statistics included)."""
+    programs = tiny_programs(variant, backbone)
+    config = tiny_config(data_dir, variant, backbone)
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"), programs=programs,
                                         evaluate_at_end=False)
 
@@ -49,6 +51,9 @@ def test_resume_continues_exactly(data_dir, tmp_path, variant):
     # And the parameters did change: the comparison is not between two untouched states.
     assert any(not np.array_equal(a, b) for a, b in
                zip(leaves(half.states["f"].params), leaves(straight.states["f"].params)))
+    if backbone != "fcn8s_vgg16":  # the statistics are saved, restored and moved on
+        assert any(not np.array_equal(a, b) for a, b in zip(
+            leaves(half.states["f"].batch_stats), leaves(straight.states["f"].batch_stats)))
 
     # The checkpoints hold what a resume needs: states, the step, the base key, the data position.
     manager = checkpoint.make_manager(str(tmp_path / "resumed"), read_only=True)

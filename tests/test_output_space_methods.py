@@ -202,12 +202,12 @@ def test_s_loss_matches_a_pytorch_transcription(variant):
     batch, key = learnable_batch(), jax.random.key(3)
     s_params = with_scores(states["f"].params)
     d_params = {level: states[level].params for level in ("d", "d_aux") if level in states}
-    loss, terms = adaptsegnet.s_loss(parts, s_params, states["f"].frozen, d_params, batch, key)
+    variables = states["f"].variables(s_params)
+    loss, (terms, _) = adaptsegnet.s_loss(parts, variables, d_params, batch, key)
 
-    variables = {"params": s_params, "frozen": states["f"].frozen}
     source, target = ({level: as_torch(o) for level, o in adaptsegnet.level_outputs(
         parts, variables, batch[f"{domain}_image"],
-        methods.base.f_dropout_key(key, domain)).items()}
+        methods.base.f_dropout_key(key, domain))[0].items()}
         for domain in ("source", "target"))
     d_modules = {}
     for level, params in d_params.items():
@@ -255,10 +255,10 @@ def test_compiled_s_and_d_gradients_match_float64(variant):
         if dtype == jnp.float64:
             s_params, frozen, d_params, batch = to_float64((s_params, frozen, d_params, batch))
         out = {"f": jax.jit(jax.grad(lambda p: adaptsegnet.s_loss(
-            parts, p, frozen, d_params, batch, key)[0]))(s_params)}
+            parts, {"params": p, "frozen": frozen}, d_params, batch, key)[0]))(s_params)}
         variables = {"params": s_params, "frozen": frozen}
         maps = [adaptsegnet.level_outputs(parts, variables, batch[f"{domain}_image"],
-                                          methods.base.f_dropout_key(key, domain))
+                                          methods.base.f_dropout_key(key, domain))[0]
                 for domain in ("source", "target")]
         for level in parts.levels:
             out[level] = jax.jit(jax.grad(lambda p, level=level: adaptsegnet.d_loss(

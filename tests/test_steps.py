@@ -125,7 +125,8 @@ def loss_gradients(adversarial: bool = True):
     def seg_grads(f_params, frozen, batch, key):
         keys = lsd.DropoutKeys.from_step_key(key)
         return jax.grad(lambda p: source_only.source_only_loss(
-            nets.f, nets.weights.reduction, p, frozen, batch, keys.f_source)[0])(f_params)
+            nets.f, nets.weights.reduction, {"params": p, "frozen": frozen}, batch,
+            keys.f_source)[0])(f_params)
     return jax.jit(f_grads), jax.jit(seg_grads)
 
 

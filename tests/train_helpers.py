@@ -23,9 +23,12 @@ def load_config_file(name: str, argument: str = ""):
     return module.get_config(argument) if argument else module.get_config()
 
 
-def tiny_config(data_dir: str, variant: str = "lsd"):
-    """configs/synthetic.py at 32x64 on 16 tiny scenes, a few steps, no periodic work."""
+def tiny_config(data_dir: str, variant: str = "lsd", backbone: str = "fcn8s_vgg16"):
+    """configs/synthetic.py at 32x64 on 16 tiny scenes, a few steps, no periodic work (DeepLab
+    ResNet with one block per stage)."""
     config = load_config_file("synthetic", variant)
+    config.model.backbone = backbone
+    config.model.resnet_blocks = (1, 1, 1, 1)
     data = config.data
     data.data_dir = data_dir
     for field in ("source", "target", "eval", "selection"):
@@ -46,12 +49,12 @@ def tiny_config(data_dir: str, variant: str = "lsd"):
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_programs(variant: str = "lsd"):
+def tiny_programs(variant: str = "lsd", backbone: str = "fcn8s_vgg16"):
     """Compiled for a mesh of 2 of the tests' simulated CPU devices (conftest.py): the batch of
     2 is split over them, as data parallelism on a real machine."""
     from lsd_jax import parallel
     from lsd_jax.programs import build_programs
-    return build_programs(tiny_config("unused", variant), parallel.make_mesh(2))
+    return build_programs(tiny_config("unused", variant, backbone), parallel.make_mesh(2))
 
 
 def subprocess_env(devices: int = 1, xla_flags: str = "") -> dict:

@@ -1,10 +1,10 @@
 """AdaptSegNet (docs/methods.md, section 8.2): adversarial learning in the output space.
 
 A fully convolutional discriminator D tells the softmax maps of source and target images apart;
-the segmentation network S (here lsd_jax's FCN-8s, `config.model`) learns from the source
-labels and from making its target maps look like source maps to D. Multi-level: an auxiliary
-classifier (on FCN-8s: on pool4, see `FCN8s.aux_classifier`) with a discriminator of its own,
-"d_aux".
+the segmentation network S (`config.model.backbone`: lsd_jax's FCN-8s by default, or DeepLab-v2)
+learns from the source labels and from making its target maps look like source maps to D.
+Multi-level: an auxiliary classifier (on FCN-8s on pool4, see `FCN8s.aux_classifier`; on
+DeepLab-v2 ResNet-101 on layer3) with a discriminator of its own, "d_aux".
 
     s_update(states, batch, key) -> S's new state    (D fixed: no gradient reaches D)
     d_update(states, batch, key) -> D's new state    (S's maps detached: none reaches S)
@@ -13,14 +13,15 @@ In the default "simultaneous" mode both see the states at the start of the itera
 reference codes do (one forward pass, the pre-step D). ADVENT (`advent.py`) is the same machine
 with another map fed to D, or no D at all.
 
-The config block `config.adaptsegnet` holds the reference's values (configs/default.py); on
-FCN-8s "the classifiers" that learn at 10x the lr are the score layers (score_fr, score_pool4,
-score_pool3, score_aux).
+The config block `config.adaptsegnet` holds the reference's values (configs/default.py); "the
+classifiers" that learn at 10x the lr are FCN-8s's score layers (score_fr, score_pool4,
+score_pool3, score_aux), or DeepLab's ASPP classifiers.
 """
 
 import dataclasses
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,7 +29,6 @@ import optax
 from lsd_jax import losses, output_space
 from lsd_jax.methods import base
 from lsd_jax.methods.base import Metrics, NetState
-from lsd_jax.models import FCN8s
 from lsd_jax.models.fc_discriminator import FCDiscriminator
 from lsd_jax.models.layers import at_least_float32
 
@@ -54,7 +54,7 @@ class Parts:
         ADVENT); None for a method without D, whose target term is `direct_term` instead.
     """
 
-    s: FCN8s
+    s: nn.Module
     d: FCDiscriminator | None
     s_tx: optax.GradientTransformation
     d_tx: optax.GradientTransformation | None
@@ -83,7 +83,8 @@ def poly_schedule(base_lr: float, block) -> optax.Schedule:
 
 
 def is_classifier(path) -> bool:
-    return path[0].key.startswith("score")
+    """FCN-8s's score layers, DeepLab's ASPP classifiers."""
+    return path[0].key.startswith(("score", "classifier"))
 
 
 def s_optimizer(block) -> optax.GradientTransformation:
@@ -137,10 +138,15 @@ def build_parts(config) -> Parts:
 
 # ----------------------------------------------------------------------------- forward passes
 
-def level_outputs(parts: Parts, s_variables, image, key) -> dict[str, jax.Array]:
-    """S's logits at the input size in training mode, by level: {"d": main, "d_aux": aux}."""
-    outputs = parts.s.apply(s_variables, image, train=True, rngs={"dropout": key})
-    return {MAIN: outputs[0], **({AUX: outputs[4]} if parts.multi_level else {})}
+def level_outputs(parts: Parts, s_variables, image, key, update_statistics: bool = False
+                  ) -> tuple[dict[str, jax.Array], base.Params]:
+    """S's logits at the input size in training mode, by level ({"d": main, "d_aux": aux}),
+    and BatchNorm's running statistics after the pass (see `base.f_outputs`)."""
+    outputs, statistics = base.f_outputs(parts.s, s_variables, image, train=True, key=key,
+                                         update_statistics=update_statistics)
+    levels = {MAIN: outputs["score"],
+              **({AUX: outputs["score_aux"]} if parts.multi_level else {})}
+    return levels, statistics
 
 
 def _discriminate(parts: Parts, d_params, logits) -> jax.Array:
@@ -156,15 +162,19 @@ def domain_accuracy(d_out: jax.Array, domain: int, gan: str) -> jax.Array:
 
 # ----------------------------------------------------------------------------- losses
 
-def s_loss(parts: Parts, s_params, frozen, d_params: dict, batch, key) -> tuple[jax.Array, Metrics]:
+def s_loss(parts: Parts, s_variables, d_params: dict, batch, key
+           ) -> tuple[jax.Array, tuple[Metrics, base.Params]]:
     """Cross-entropy on the source labels (averaged over valid pixels) at every level, plus
     S's target term at every level: D called the target maps source ("inverted label"), or the
-    direct term (ADVENT's entropy)."""
+    direct term (ADVENT's entropy). Also returns BatchNorm's running statistics after the
+    source pass and then the target pass, as the references' forward passes leave them."""
     w = parts.weights
-    variables = {"params": s_params, "frozen": frozen}
-    source, target = (level_outputs(parts, variables, batch[f"{domain}_image"],
-                                    base.f_dropout_key(key, domain))
-                      for domain in ("source", "target"))
+    source, statistics = level_outputs(parts, s_variables, batch["source_image"],
+                                       base.f_dropout_key(key, "source"), update_statistics=True)
+    if statistics:  # the target pass starts from the statistics the source pass left
+        s_variables = {**s_variables, "batch_stats": statistics}
+    target, statistics = level_outputs(parts, s_variables, batch["target_image"],
+                                       base.f_dropout_key(key, "target"), update_statistics=True)
     labels = batch["source_label"]
     terms = {"seg": losses.ce2d(source[MAIN], labels, "mean")}
     loss = terms["seg"]
@@ -181,7 +191,7 @@ def s_loss(parts: Parts, s_params, frozen, d_params: dict, batch, key) -> tuple[
             d_out = _discriminate(parts, d_params[level], target[level])
             terms[name] = output_space.gan_loss(d_out, output_space.SOURCE, parts.gan)
         loss = loss + weight * terms[name]
-    return loss, {"loss": loss, **terms}
+    return loss, ({"loss": loss, **terms}, statistics)
 
 
 def d_loss(parts: Parts, d_params, source_logits, target_logits) -> tuple[jax.Array, Metrics]:
@@ -204,19 +214,22 @@ def check_batch(batch) -> None:
 
 def s_update(parts: Parts, s_state: NetState, d_params: dict, batch, key):
     check_batch(batch)
-    grads, metrics = jax.grad(
-        lambda p: s_loss(parts, p, s_state.frozen, d_params, batch, key), has_aux=True)(
+    grads, (metrics, statistics) = jax.grad(
+        lambda p: s_loss(parts, s_state.variables(p), d_params, batch, key), has_aux=True)(
         s_state.params)
-    return base.apply_gradients(parts.s_tx, s_state, grads), base.with_grad_norm(metrics, grads)
+    new = base.apply_gradients(parts.s_tx, s_state, grads).replace(batch_stats=statistics)
+    return new, base.with_grad_norm(metrics, grads)
 
 
 def d_update(parts: Parts, level: str, d_state: NetState, s_variables, batch, key):
     """One level's D on S's maps of this iteration, detached (the same dropout masks as S's
-    update, so in "simultaneous" mode the very maps S's update computed)."""
+    update, so in "simultaneous" mode the very maps S's update computed; BatchNorm normalises
+    with each batch's own statistics in training, and this pass leaves the running ones to
+    S's update)."""
     check_batch(batch)
     source, target = jax.lax.stop_gradient(tuple(
         level_outputs(parts, s_variables, batch[f"{domain}_image"],
-                      base.f_dropout_key(key, domain))[level]
+                      base.f_dropout_key(key, domain))[0][level]
         for domain in ("source", "target")))
     grads, metrics = jax.grad(
         lambda p: d_loss(parts, p, source, target), has_aux=True)(d_state.params)
@@ -250,8 +263,8 @@ def method_from_parts(name: str, config, parts: Parts, block) -> base.Method:
 
     def output_shapes(states, image):
         shapes = {"f": base.f_output_shapes(parts.s, states, image)}
+        maps = jax.ShapeDtypeStruct((*image.shape[:3], num_classes), jnp.float32)  # upsampled
         for level in levels:
-            maps = jax.ShapeDtypeStruct(shapes["f"]["score"].shape, jnp.float32)
             shapes[level] = {"domain": jax.eval_shape(
                 lambda p, x: parts.d.apply({"params": p}, x), states[level].params, maps)}
         return shapes
@@ -266,7 +279,7 @@ def method_from_parts(name: str, config, parts: Parts, block) -> base.Method:
         updates=updates,
         mode=config.update_mode,
         init=init,
-        predict=base.predict_first_output(parts.s),
+        predict=base.predict_scores(parts.s),
         pictures=lambda states, batch: base.predictions(parts.s, states, batch,
                                                         ("source", "target")),
         learning_rates=learning_rates,

@@ -28,11 +28,15 @@ import optax
 
 from lsd_jax import losses, parallel
 from lsd_jax.models import FCN8s, check_training_size
+from lsd_jax.models import deeplab
+from lsd_jax.models.layers import upsample_bilinear_align_corners
 from lsd_jax.models.vgg_fcn import check_image
 
 UPDATE_MODES = ("alternating", "simultaneous")
 # float64 is for reference evaluations in tests and checks (it needs jax_enable_x64).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+# config.model.backbone: F+C of a method (docs/methods.md, sections 2 and 6).
+BACKBONES = ("fcn8s_vgg16", "deeplabv2_resnet101", "deeplabv2_vgg16")
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -41,14 +45,20 @@ Metrics = dict[str, jax.Array]
 
 @flax.struct.dataclass
 class NetState:
-    """One network's trainable state. `frozen` holds variables that are never trained."""
+    """One network's trainable state. `frozen` holds variables that are never trained,
+    `batch_stats` BatchNorm's running statistics (DeepLab's), which forward passes update."""
 
     params: Params
     opt_state: optax.OptState
     frozen: Params = flax.struct.field(default_factory=dict)
+    batch_stats: Params = flax.struct.field(default_factory=dict)
 
-    def variables(self) -> dict:
-        return {"params": self.params, **({"frozen": self.frozen} if self.frozen else {})}
+    def variables(self, params: Params | None = None) -> dict:
+        """The variables for `apply`, with `params` in place of the state's when given (the
+        parameters being differentiated)."""
+        return {"params": self.params if params is None else params,
+                **({"frozen": self.frozen} if self.frozen else {}),
+                **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
 
 
 States = dict[str, NetState]  # network name -> state; "f" is the segmentation network
@@ -193,7 +203,8 @@ def init_network(module: nn.Module, tx: optax.GradientTransformation, key: jax.A
     size, so tiny ones do). Compiled: eager initialisers round differently in the last bit."""
     variables = jax.jit(lambda k: module.init(k, *inputs, **kwargs))(key)
     params = variables["params"]
-    return NetState(params, tx.init(params), variables.get("frozen", {}))
+    return NetState(params, tx.init(params), variables.get("frozen", {}),
+                    variables.get("batch_stats", {}))
 
 
 def init_keys(key: jax.Array) -> jax.Array:
@@ -206,15 +217,66 @@ def example_image() -> jax.Array:
     return jnp.zeros((1, 32, 32, 3), jnp.float32)
 
 
-def segmentation_network(config, aux_classifier: bool = False) -> FCN8s:
-    """F+C (S) of every method, from `config.model`."""
+def segmentation_network(config, aux_classifier: bool = False) -> nn.Module:
+    """F+C (S) of every method, from `config.model` (its `backbone`)."""
     m = config.model
-    return FCN8s(config.num_classes, m.width, m.dropout_rate, model_dtype(config),
-                 remat=bool(m.remat_f), plain_kernels=bool(m.plain_kernels),
-                 aux_classifier=aux_classifier)
+    check_choice("model.backbone", m.backbone, BACKBONES)
+    dtype = model_dtype(config)
+    if m.backbone == "fcn8s_vgg16":
+        return FCN8s(config.num_classes, m.width, m.dropout_rate, dtype, remat=bool(m.remat_f),
+                     plain_kernels=bool(m.plain_kernels), aux_classifier=aux_classifier)
+    check_choice("model.aspp_branches", m.aspp_branches, deeplab.ASPP_BRANCHES)
+    if m.backbone == "deeplabv2_resnet101":
+        check_choice("model.bn_statistics", m.bn_statistics, deeplab.BN_STATISTICS)
+        blocks = tuple(m.resnet_blocks)
+        if len(blocks) != 4 or not all(isinstance(b, int) and b >= 1 for b in blocks):
+            raise ValueError(f"config.model.resnet_blocks={m.resnet_blocks!r}: expected four "
+                             "block counts >= 1, e.g. (3, 4, 23, 3) for ResNet-101")
+        return deeplab.DeepLabV2ResNet(config.num_classes, m.width, blocks,
+                                       aux_classifier=aux_classifier,
+                                       aspp_branches=m.aspp_branches,
+                                       bn_statistics=m.bn_statistics, dtype=dtype)
+    if aux_classifier:
+        raise ValueError("config.model.backbone='deeplabv2_vgg16' has no auxiliary level (the "
+                         "published VGG16 results are single-level): set the method's "
+                         "multi_level=False, or use 'deeplabv2_resnet101' or 'fcn8s_vgg16'")
+    return deeplab.DeepLabV2VGG16(config.num_classes, m.width, m.aspp_branches, dtype)
 
 
-F_OUTPUTS = ("score", "fc7", "pool4", "pool3", "score_aux")  # FCN8s's outputs, in order
+def output_names(f: nn.Module) -> tuple[str, ...]:
+    """The names of F's outputs, in order; "score" (and "score_aux") are the class scores."""
+    if isinstance(f, FCN8s):
+        return ("score", "fc7", "pool4", "pool3", "score_aux")
+    if isinstance(f, deeplab.DeepLabV2ResNet):
+        return ("score", "layer4", "layer3", "score_aux")
+    return ("score", "fc7")
+
+
+SCORES = ("score", "score_aux")
+
+
+def f_outputs(f: nn.Module, variables: dict, image: jax.Array, train: bool,
+              key: jax.Array | None = None, update_statistics: bool = False
+              ) -> tuple[dict[str, jax.Array], Params]:
+    """F's outputs by name, the class scores at the image's size, and BatchNorm's running
+    statistics after the pass: updated when `update_statistics` (in training, for a network
+    that has them), else as they were.
+
+    DeepLab predicts at 1/8 size; its scores are upsampled bilinearly with aligned corners,
+    as the AdaptSegNet and ADVENT codes do before their losses and discriminators."""
+    rngs = {} if key is None else {"dropout": key}
+    statistics = variables.get("batch_stats", {})
+    if update_statistics and train and statistics:
+        outputs, mutated = f.apply(variables, image, train=True, rngs=rngs,
+                                   mutable=["batch_stats"])
+        statistics = mutated["batch_stats"]
+    else:
+        outputs = f.apply(variables, image, train=train, rngs=rngs)
+    named = dict(zip(output_names(f), outputs))
+    for name in SCORES:
+        if name in named and named[name].shape[1:3] != image.shape[1:3]:
+            named[name] = upsample_bilinear_align_corners(named[name], image.shape[1:3])
+    return named, statistics
 
 
 def f_dropout_key(key: jax.Array, domain: str) -> jax.Array:
@@ -223,22 +285,24 @@ def f_dropout_key(key: jax.Array, domain: str) -> jax.Array:
     return jax.random.fold_in(key, {"source": 0, "target": 1}[domain])
 
 
-def predict_first_output(module: nn.Module):
-    """`Method.predict` for a network whose first output is the class scores."""
-    return lambda variables, image: module.apply(variables, image, train=False)[0]
+def predict_scores(f: nn.Module):
+    """`Method.predict`: F's class scores at the images' size, in evaluation mode."""
+    return lambda variables, image: f_outputs(f, variables, image, train=False)[0]["score"]
 
 
-def f_output_shapes(f: FCN8s, states: States, image) -> dict:
-    """{output name: shape} of F for `images` (`Method.output_shapes`' entry for "f")."""
+def f_output_shapes(f: nn.Module, states: States, image) -> dict:
+    """{output name: shape} of F's own outputs for `images` (`Method.output_shapes`' entry for
+    "f"; DeepLab's scores at 1/8 size, before the methods upsample them)."""
     outputs = jax.eval_shape(lambda v, x: f.apply(v, x, train=False), states["f"].variables(),
                              image)
-    return dict(zip(F_OUTPUTS, outputs))
+    return dict(zip(output_names(f), outputs))
 
 
-def predictions(f: FCN8s, states: States, batch: Batch, domains: tuple[str, ...]) -> dict:
+def predictions(f: nn.Module, states: States, batch: Batch, domains: tuple[str, ...]) -> dict:
     """{"<domain>_prediction": class ids} of F for the batch's images (`Method.pictures`)."""
+    predict = predict_scores(f)
     return {f"{domain}_prediction": jnp.argmax(
-        f.apply(states["f"].variables(), batch[f"{domain}_image"], train=False)[0], axis=-1)
+        predict(states["f"].variables(), batch[f"{domain}_image"]), axis=-1)
         for domain in domains}
 
 

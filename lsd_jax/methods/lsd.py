@@ -82,6 +82,14 @@ def build_networks(config) -> Networks:
     base.check_choice("update_mode", config.update_mode, base.UPDATE_MODES)
     base.check_reduction(config)
     m = config.model
+    if m.backbone != "fcn8s_vgg16":
+        # G is built for FCN-8s's features; which DeepLab features it should take instead is
+        # not defined by LSD-seg (docs/methods.md, section 6).
+        raise ValueError(
+            f"config.model.backbone={m.backbone!r}: LSD's G reconstructs images from FCN-8s's "
+            "fc7, pool4 and pool3, which a DeepLab network does not have; use "
+            "backbone='fcn8s_vgg16' with method 'lsd' (the DeepLab backbones serve the "
+            "output-space methods and the source-only baseline)")
     dtype = base.model_dtype(config)
     plain = bool(m.plain_kernels)
     return Networks(
@@ -273,7 +281,7 @@ def build(config, nets: Networks | None = None) -> base.Method:
         updates=updates,
         mode=config.update_mode,
         init=lambda key: init_states(nets, key),
-        predict=base.predict_first_output(nets.f),
+        predict=base.predict_scores(nets.f),
         pictures=pictures,
         learning_rates=lambda step: {**f_rates(step), "lr/g_d": config.optim.gd_lr},
         output_shapes=output_shapes,

@@ -9,20 +9,21 @@ from lsd_jax import losses
 from lsd_jax.methods import base
 
 
-def source_only_loss(f, reduction, params, frozen, batch, key):
-    score, *_ = f.apply({"params": params, "frozen": frozen}, batch["source_image"], train=True,
-                        rngs={"dropout": key})
-    loss = losses.ce2d(score, batch["source_label"], reduction)
-    return loss, {"loss": loss, "seg": loss}
+def source_only_loss(f, reduction, variables, batch, key):
+    outputs, statistics = base.f_outputs(f, variables, batch["source_image"], train=True,
+                                         key=key, update_statistics=True)
+    loss = losses.ce2d(outputs["score"], batch["source_label"], reduction)
+    return loss, ({"loss": loss, "seg": loss}, statistics)
 
 
 def f_update(f, tx, reduction, f_state, batch, key):
     base.check_batch(batch, with_target=False, with_image01=False)
     key = base.f_dropout_key(key, "source")
-    grads, metrics = jax.grad(
-        lambda p: source_only_loss(f, reduction, p, f_state.frozen, batch, key),
+    grads, (metrics, statistics) = jax.grad(
+        lambda p: source_only_loss(f, reduction, f_state.variables(p), batch, key),
         has_aux=True)(f_state.params)
-    return base.apply_gradients(tx, f_state, grads), base.with_grad_norm(metrics, grads)
+    new = base.apply_gradients(tx, f_state, grads).replace(batch_stats=statistics)
+    return new, base.with_grad_norm(metrics, grads)
 
 
 def build(config) -> base.Method:
@@ -37,7 +38,7 @@ def build(config) -> base.Method:
         mode="alternating",  # one update: the modes are the same
         init=lambda key: {"f": base.init_network(f, tx, base.init_keys(key)[0],
                                                 base.example_image(), train=False)},
-        predict=base.predict_first_output(f),
+        predict=base.predict_scores(f),
         pictures=lambda states, batch: base.predictions(f, states, batch, ("source",)),
         learning_rates=base.f_learning_rates(config.optim),
         output_shapes=lambda states, image: {"f": base.f_output_shapes(f, states, image)},

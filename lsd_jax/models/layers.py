@@ -1,6 +1,6 @@
 """Layers shared by F, G and D, with PyTorch's semantics where the reference relies on them."""
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -299,3 +299,26 @@ class ResBlock(nn.Module):
 def scaled(width: int, multiplier: float) -> int:
     """A channel count scaled by the width multiplier, never below 1."""
     return max(1, int(round(width * multiplier)))
+
+
+def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D linear interpolation with aligned corners: output i samples
+    the input at i * (n_in - 1) / (n_out - 1)."""
+    matrix = np.zeros((n_out, n_in), np.float32)
+    if n_in == 1 or n_out == 1:
+        matrix[:, 0] = 1.0
+        return matrix
+    position = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+    low = np.minimum(np.floor(position).astype(int), n_in - 2)
+    frac = (position - low).astype(np.float32)
+    matrix[np.arange(n_out), low] = 1.0 - frac
+    matrix[np.arange(n_out), low + 1] += frac
+    return matrix
+
+
+def upsample_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """NHWC bilinear resize with aligned corners (PyTorch's `F.interpolate(mode="bilinear",
+    align_corners=True)`), as two small matrix products: exact, and plain to differentiate."""
+    rows = jnp.asarray(_align_corners_matrix(size[0], x.shape[1]), x.dtype)
+    cols = jnp.asarray(_align_corners_matrix(size[1], x.shape[2]), x.dtype)
+    return jnp.einsum("ph,nhwc,qw->npqc", rows, x, cols)

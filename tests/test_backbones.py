@@ -1,0 +1,129 @@
+"""The methods on the DeepLab-v2 backbones (`config.model.backbone`): predictions at the image
+size, BatchNorm's running statistics threaded through S's update (source pass, then target
+pass) and left alone by D's, frozen statistics, what each backbone refuses, and the
+aligned-corners upsampling against PyTorch.
+
+A ResNet with one block per stage (`config.model.resnet_blocks`) keeps compilation short; the
+101-layer network is checked against PyTorch in test_deeplab.py."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs import default
+from lsd_jax import methods
+from lsd_jax.methods import base
+from lsd_jax.models.layers import upsample_bilinear_align_corners
+from test_steps import assert_trees_equal, learnable_batch, trees_differ
+
+
+def deeplab_config(variant="adaptsegnet_multi", backbone="deeplabv2_resnet101", **model):
+    config = default.apply_variant(default.get_config(), variant)
+    config.model.backbone = backbone
+    config.model.width = 1 / 16
+    config.model.resnet_blocks = (1, 1, 1, 1)
+    config.model.update(model)
+    return config
+
+
+@functools.cache
+def built(variant="adaptsegnet_multi", backbone="deeplabv2_resnet101", bn_statistics="batch"):
+    method = methods.build(deeplab_config(variant, backbone, bn_statistics=bn_statistics))
+    return method, method.init(jax.random.key(0)), methods.compile_method(method, donate=False)
+
+
+@pytest.mark.parametrize("size_in, size_out", [((5, 7), (33, 41)), ((8, 8), (64, 64)),
+                                               ((1, 3), (4, 9))])
+def test_upsampling_is_pytorchs_bilinear_with_aligned_corners(size_in, size_out):
+    x = np.random.default_rng(0).standard_normal((2, *size_in, 3)).astype(np.float32)
+    ours = upsample_bilinear_align_corners(jnp.asarray(x), size_out)
+    reference = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size_out,
+                              mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant, backbone", [("adaptsegnet_multi", "deeplabv2_resnet101"),
+                                               ("advent", "deeplabv2_resnet101"),
+                                               ("adaptsegnet", "deeplabv2_vgg16"),
+                                               ("source_only", "deeplabv2_resnet101")])
+def test_an_iteration_on_deeplab_trains_its_networks_and_predicts_at_image_size(variant,
+                                                                                 backbone):
+    method, states, compiled = built(variant, backbone)
+    batch = learnable_batch()
+    new, metrics = compiled.step(states, batch, jax.random.key(1))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    for name in method.networks:
+        assert trees_differ(states[name].params, new[name].params), name
+    assert_trees_equal(states["f"].frozen, new["f"].frozen)  # BN's affine: never trained
+    scores = method.predict(new["f"].variables(), batch["source_image"])
+    assert scores.shape == (*batch["source_image"].shape[:3], 19)
+    f_shapes = method.output_shapes(states, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    # DeepLab's own output, about 1/8 size: ResNet's ceil-mode stem pool rounds up (64 -> 9),
+    # LargeFOV's floor-mode pools down (64 -> 8).
+    side = {"deeplabv2_resnet101": 9, "deeplabv2_vgg16": 8}[backbone]
+    assert f_shapes["f"]["score"].shape == (1, side, side, 19)
+
+
+def test_s_update_leaves_the_statistics_of_its_source_then_target_passes():
+    method, states, compiled = built()
+    batch, key = learnable_batch(), jax.random.key(1)
+    new, _ = compiled.updates["f"](states, batch, key)
+    f = method.networks["f"]
+    variables = states["f"].variables()
+    for domain in ("source", "target"):
+        _, mutated = f.apply(variables, batch[f"{domain}_image"], train=True,
+                             mutable=["batch_stats"])
+        variables = {**variables, **mutated}
+    assert trees_differ(states["f"].batch_stats, new.batch_stats)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 new.batch_stats, variables["batch_stats"])
+    # D's updates compute S's maps too, but leave S's statistics to S's update (and cannot
+    # return S's state at all).
+    for level in ("d", "d_aux"):
+        d_new, _ = compiled.updates[level](states, batch, key)
+        assert jax.tree.structure(d_new) == jax.tree.structure(states[level])
+
+
+def test_frozen_statistics_stay_and_batch_statistics_normalise_in_training():
+    method, states, compiled = built(bn_statistics="frozen")
+    new, _ = compiled.step(states, learnable_batch(), jax.random.key(1))
+    assert_trees_equal(states["f"].batch_stats, new["f"].batch_stats)
+    assert trees_differ(states["f"].params, new["f"].params)
+
+
+def test_each_backbone_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="config.model.backbone='deeplabv2_resnet101'.*LSD's G"):
+        methods.build(deeplab_config("lsd"))
+    with pytest.raises(ValueError, match="'deeplabv2_vgg16' has no auxiliary level"):
+        methods.build(deeplab_config("adaptsegnet_multi", "deeplabv2_vgg16"))
+    with pytest.raises(ValueError, match="config.model.backbone: expected one of"):
+        methods.build(deeplab_config(backbone="resnet101"))
+    with pytest.raises(ValueError, match="config.model.bn_statistics: expected one of"):
+        methods.build(deeplab_config(bn_statistics="moving"))
+    with pytest.raises(ValueError, match="config.model.aspp_branches: expected one of"):
+        methods.build(deeplab_config(aspp_branches=3))
+    with pytest.raises(ValueError, match=r"config.model.resnet_blocks=\(3, 4\): expected four"):
+        methods.build(deeplab_config(resnet_blocks=(3, 4)))
+
+
+def test_deeplab_classifiers_learn_at_ten_times_the_rate():
+    from lsd_jax.methods import adaptsegnet
+    params = built()[1]["f"].params
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: adaptsegnet.is_classifier(path), params)
+    assert all(jax.tree.leaves(labels["classifier"])) and all(
+        jax.tree.leaves(labels["classifier_aux"]))
+    assert not any(jax.tree.leaves(labels["layer4_0"])) and not any(
+        jax.tree.leaves(labels["conv1"]))
+
+
+def test_outputs_are_named_per_backbone():
+    assert base.output_names(built()[0].networks["f"]) == ("score", "layer4", "layer3",
+                                                           "score_aux")
+    assert base.output_names(built("adaptsegnet", "deeplabv2_vgg16")[0].networks["f"]) == (
+        "score", "fc7")
