@@ -27,8 +27,9 @@ def tiny_config(data_dir: str, variant: str = "lsd", backbone: str = "fcn8s_vgg1
     """configs/synthetic.py at 32x64 on 16 tiny scenes, a few steps, no periodic work (DeepLab
     ResNet with one block per stage)."""
     config = load_config_file("synthetic", variant)
-    config.model.backbone = backbone
-    config.model.resnet_blocks = (1, 1, 1, 1)
+    if backbone != config.model.backbone:  # the default's programs stay those of the file
+        config.model.backbone = backbone
+        config.model.resnet_blocks = (1, 1, 1, 1)
     data = config.data
     data.data_dir = data_dir
     for field in ("source", "target", "eval", "selection"):
