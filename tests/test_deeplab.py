@@ -3,6 +3,8 @@
 full width, outputs through the PyTorch-name importer in inference and in training mode, and
 BatchNorm's running-statistics update."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,15 @@ torch = pytest.importorskip("torch")
 tnn = torch.nn
 
 CLASSES = 19
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """This module's programs and its eager ops' executables are many and large: free them
+    for the modules after it (the whole suite runs in one process)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 # ------------------------------------------------------------------ the PyTorch transcriptions
