@@ -7,8 +7,6 @@ A ResNet with one block per stage (`config.model.resnet_blocks`) keeps compilati
 101-layer network is checked against PyTorch in test_deeplab.py."""
 
 import functools
-import gc
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +19,9 @@ from lsd_jax import methods
 from lsd_jax.methods import base
 from lsd_jax.models.layers import upsample_bilinear_align_corners
 from test_steps import assert_trees_equal, learnable_batch, trees_differ
+
+# Many large programs: freed for the modules after this one (conftest.py).
+pytestmark = pytest.mark.usefixtures("release_compiled_programs")
 
 
 def deeplab_config(variant="adaptsegnet_multi", backbone="deeplabv2_resnet101", **model):
@@ -36,16 +37,6 @@ def deeplab_config(variant="adaptsegnet_multi", backbone="deeplabv2_resnet101", 
 def built(variant="adaptsegnet_multi", backbone="deeplabv2_resnet101", bn_statistics="batch"):
     method = methods.build(deeplab_config(variant, backbone, bn_statistics=bn_statistics))
     return method, method.init(jax.random.key(0)), methods.compile_method(method, donate=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def release_compiled_programs():
-    """This module's programs and its eager ops' executables are many and large: free them
-    for the modules after it (the whole suite runs in one process)."""
-    yield
-    built.cache_clear()
-    jax.clear_caches()
-    gc.collect()
 
 
 @pytest.mark.parametrize("size_in, size_out", [((5, 7), (33, 41)), ((8, 8), (64, 64)),

@@ -3,8 +3,6 @@
 full width, outputs through the PyTorch-name importer in inference and in training mode, and
 BatchNorm's running-statistics update."""
 
-import gc
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,16 +15,10 @@ from lsd_jax.models.layers import scaled
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 
+# Many large programs: freed for the modules after this one (conftest.py).
+pytestmark = pytest.mark.usefixtures("release_compiled_programs")
+
 CLASSES = 19
-
-
-@pytest.fixture(autouse=True, scope="module")
-def release_compiled_programs():
-    """This module's programs and its eager ops' executables are many and large: free them
-    for the modules after it (the whole suite runs in one process)."""
-    yield
-    jax.clear_caches()
-    gc.collect()
 
 
 # ------------------------------------------------------------------ the PyTorch transcriptions
@@ -273,3 +265,29 @@ def test_a_checkpoint_of_another_network_is_refused_by_name():
     with pytest.raises(weights.WeightImportError,
                        match="does not match the reference names of DeepLab-v2 ResNet-101"):
         weights.torch_to_flax(state_numpy(reference), shapes, "deeplabv2_resnet101")
+
+
+def test_resnet_gradients_compiled_equal_eager_and_float64():
+    """The stem pool, BatchNorm in training mode and the aligned-corners upsampling inside a
+    whole network: jit(grad) against eager grad and against float64."""
+    from lsd_jax.models.layers import upsample_bilinear_align_corners
+    from test_gradients import assert_close, to_float64
+
+    module = deeplab.DeepLabV2ResNet(CLASSES, width=1 / 16, blocks=(1, 1, 1, 1),
+                                     aux_classifier=True)
+    x = jax.random.normal(jax.random.key(0), (2, 65, 65, 3))
+    variables = module.init(jax.random.key(1), x)
+
+    def loss(params, variables, x):
+        (score, _, _, aux), _ = module.clone(dtype=x.dtype).apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        up = upsample_bilinear_align_corners(score + aux, x.shape[1:3])
+        return jnp.sum(jnp.sin(up))
+
+    compiled = jax.jit(jax.grad(loss))(variables["params"], variables, x)
+    eager = jax.grad(loss)(variables["params"], variables, x)
+    assert_close(compiled, eager, "jit(grad) against eager grad")
+    with jax.enable_x64(True):
+        reference = jax.tree.map(np.asarray, jax.grad(loss)(
+            *to_float64((variables["params"], variables, x))))
+    assert_close(compiled, reference, "float32 against float64")
