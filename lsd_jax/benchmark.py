@@ -789,15 +789,12 @@ def restored_predictions(config, directory: str, programs, inputs, label_size) -
     import numpy as np
 
     from lsd_jax import checkpoint, evaluate
-    from lsd_jax.programs import abstract_states, base_key
 
-    manager = checkpoint.make_manager(directory, None, asynchronous=False, read_only=True)
-    try:
-        restored = checkpoint.restore(manager, abstract_states(config, programs),
-                                      base_key(config), config.train.num_steps)
-    finally:
-        manager.close()
-    logits = programs.predict(restored.states["f"].variables(), inputs)
+    # F alone, as saved: the run's other networks and optimizer states are not needed, and
+    # need not have the layout this version would give them.
+    _, variables = checkpoint.read_network(directory, "f", config.train.num_steps)
+    variables = {k: v for k, v in variables.items() if k == "params" or v}
+    logits = programs.predict(variables, inputs)
     return np.asarray(evaluate.predict_labels(logits, *label_size))
 
 

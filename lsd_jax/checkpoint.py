@@ -253,7 +253,7 @@ def restore(manager: ocp.CheckpointManager, like_states, like_key: jax.Array,
 
 
 def read_network(workdir: str, name: str, step: int | None = None) -> tuple[int, dict]:
-    """One network's variables ({"params": ..., "frozen": ...}) from another run's checkpoint
+    """One network's variables ({"params", "frozen", "batch_stats"}) from a run's checkpoint
     of `step` (the latest when None), whatever that run's method and optimizers were; returns
     (step, variables). For starting a run from a finished one (`config.init.f_workdir`).
 
@@ -274,7 +274,8 @@ def read_network(workdir: str, name: str, step: int | None = None) -> tuple[int,
         raise CheckpointMissingError(f"the checkpoint of step {step} in {workdir!r} has no "
                                      f"network {name!r} (it has {sorted(saved)})")
     network = saved[name]
-    return step, {"params": network["params"], "frozen": network.get("frozen") or {}}
+    return step, {"params": network["params"], "frozen": network.get("frozen") or {},
+                  "batch_stats": network.get("batch_stats") or {}}
 
 
 # ----------------------------------------------------------------------------- saving
