@@ -17,7 +17,7 @@ from lsd_jax.data.config import default_data_config
 
 # What an experiment config's argument selects (`--config configs/gta.py:source_only`).
 VARIANTS = ("lsd", "source_only", "target_only", "adaptsegnet", "adaptsegnet_multi",
-            "adaptsegnet_ls", "advent", "minent")
+            "adaptsegnet_ls", "advent", "minent", "adda", "grl", "confusion", "fcan_ran")
 
 # The output-space variants: (method, that method's config fields set by the variant).
 OUTPUT_SPACE_VARIANTS = {
@@ -29,6 +29,22 @@ OUTPUT_SPACE_VARIANTS = {
     "minent": ("advent", {"kind": "minent"}),
 }
 
+# The unified adversarial framework's variants (docs/methods.md, section 10): the fields of
+# config.adversarial each sets, and the update mode.
+ADVERSARIAL_VARIANTS = {
+    # ADDA: untied, GAN loss on fc7, the target encoder from a source-trained F (init.f_workdir)
+    # with C fixed; D 1024-512-2 with channel dropout, Adam 2e-4 (beta1 0.5), L2 2.5e-5.
+    "adda": ({"tied": False, "mapping_loss": "gan", "seg_weight": 0.0, "adv_weight": 1.0},
+             "simultaneous"),
+    # One encoder trained on the source labels and against D: gradient reversal, or confusion.
+    "grl": ({"tied": True, "mapping_loss": "minimax"}, "simultaneous"),
+    "confusion": ({"tied": True, "mapping_loss": "confusion"}, "simultaneous"),
+    # FCAN's representation adaptation (RAN) alone: the ASPP discriminator on S's features,
+    # max_S min_D (L_adv - 5 L_seg), alternating. (FCAN's appearance stage, AAN, is not here.)
+    "fcan_ran": ({"tied": True, "mapping_loss": "minimax", "discriminator": "aspp",
+                  "seg_weight": 5.0, "adv_weight": 1.0}, "alternating"),
+}
+
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
     """lsd: the method; source_only: the baseline (F+C on the source's labels alone);
@@ -36,7 +52,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     bound no adaptation method can use); adaptsegnet (single-level, BCE), adaptsegnet_multi,
     adaptsegnet_ls (LS-GAN), advent (AdvEnt), minent (MinEnt): the output-space methods with
     their reference weights, in their reference's simultaneous mode (docs/methods.md,
-    section 8). Empty means lsd."""
+    section 8); adda, grl, confusion, fcan_ran: settings of the unified adversarial framework
+    (section 10). Empty means lsd."""
     variant = variant or "lsd"
     if variant not in VARIANTS:
         raise ValueError(f"config argument {variant!r}: expected one of {VARIANTS} (as in "
@@ -47,6 +64,11 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
         config.update_mode = "simultaneous"
         config[method].update(fields)
         config.data.source.flip = False  # their references do not flip
+    if variant in ADVERSARIAL_VARIANTS:
+        fields, mode = ADVERSARIAL_VARIANTS[variant]
+        config.method = "adversarial"
+        config.update_mode = mode
+        config.adversarial.update(fields)
     if variant in ("source_only", "target_only"):
         config.method = "source_only"
     if variant == "target_only":
@@ -107,7 +129,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # "lsd" (F+C, G and D adversarially), "source_only" (F+C with the segmentation loss alone),
-    # "adaptsegnet" or "advent" (docs/methods.md, section 8; their blocks below).
+    # "adaptsegnet" or "advent" (docs/methods.md, section 8; their blocks below), "adversarial"
+    # (section 10).
     config.method = "lsd"
     config.seed = 1337  # the reference's seed
     config.num_classes = 19
@@ -174,6 +197,26 @@ def get_config() -> ml_collections.ConfigDict:
         target_weight=0.001,    # S's target term (adversarial or entropy), main output
         target_aux_weight=0.0002,  # ... auxiliary output
     )
+
+    # The unified adversarial framework (method "adversarial", docs/methods.md section 10):
+    # D on S's features or class maps, tied or untied encoders, the mapping loss. S learns with
+    # `config.optim` (LSD's and the baselines' Adam); the segmentation term is a per-pixel mean.
+    config.adversarial = ml_collections.ConfigDict(dict(
+        d_input="features",     # "features" (fc7; DeepLab ResNet: layer4) or "scores" (softmax)
+        tied=True,              # one encoder for both domains; False: ADDA's untied encoders
+        mapping_loss="gan",     # "gan" (inverted label), "confusion", "minimax" (reversal)
+        seg_weight=1.0,         # source cross-entropy (untied: a safeguard through M_t, 0 = off)
+        # The encoder's adversarial term. Tied: an unverified choice, AdaptSegNet's weight for
+        # its output-space term (no segmentation reference gives one for features).
+        adv_weight=0.001,
+        d_gate=0.0,             # adversarial term only while D's accuracy > this (0 = always)
+        discriminator="pixel",  # "pixel" (1x1 convs) or "aspp" (FCAN's, dilations 1-4)
+        d_hidden=(1024, 512),   # pixel D's hidden widths (on scores, ADDA's are 512, 256)
+        d_dropout=0.5,          # after each hidden ReLU
+        d_channel_dropout=True,  # whole channels (Dropout2d), as ADDA's; False: single values
+        d_lr=2e-4, d_b1=0.5, d_b2=0.999,  # ADDA's Adam
+        d_weight_decay=2.5e-5,  # ADDA's L2 on D
+    ))
 
     config.data = default_data_config()  # datasets, sizes, batch size: see docs/data.md
 

@@ -60,7 +60,8 @@ def base_key(config) -> jax.Array:
     return jax.random.key(config.seed)
 
 
-def _import_weights(config, states: methods.States) -> methods.States:
+def _import_weights(config, method: methods.Method,
+                    states: methods.States) -> methods.States:
     """Pretrained weights named in config.init, into fresh states (optimizer states are zeros
     either way, so they stay valid)."""
     from lsd_jax import weights
@@ -82,8 +83,11 @@ def _import_weights(config, states: methods.States) -> methods.States:
         step, saved = checkpoint.read_network(init.f_workdir, "f", init.f_step)
         f_vars = _same_structure(saved, f_vars, f"F of step {step} in {init.f_workdir!r}")
         logging.info("F: from the checkpoint of step %d in %s", step, init.f_workdir)
-    states = {**states, "f": f.replace(params=f_vars["params"], frozen=f_vars.get("frozen", {}),
-                                       batch_stats=f_vars.get("batch_stats", {}))}
+    f = f.replace(params=f_vars["params"], frozen=f_vars.get("frozen", {}),
+                  batch_stats=f_vars.get("batch_stats", {}))
+    states = {**states, "f": f}
+    for name in method.copies_of_f:  # e.g. ADDA's fixed source network: the imported F
+        states[name] = methods.base.fixed_copy(f)
     for name, path, importer in (("g", init.torch_g, weights.import_torch_generator),
                                  ("d", init.torch_d, weights.import_torch_discriminator)):
         if not path:
@@ -132,7 +136,7 @@ def _same_structure(saved: dict, like: dict, source: str) -> dict:
 def initial_states(config, programs: Programs) -> methods.States:
     """Fresh states (with config.init's weights), replicated over the mesh."""
     init_key = jax.random.fold_in(base_key(config), -1 % 2**31)  # apart from the step keys
-    states = _import_weights(config, programs.init(init_key))
+    states = _import_weights(config, programs.method, programs.init(init_key))
     return parallel.replicate(states, programs.mesh)
 
 

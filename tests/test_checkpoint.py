@@ -29,10 +29,12 @@ def leaves(tree):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, backbone", [("lsd", "fcn8s_vgg16"),
                                                ("adaptsegnet_multi", "fcn8s_vgg16"),
-                                               ("adaptsegnet_multi", "deeplabv2_resnet101")])
+                                               ("adaptsegnet_multi", "deeplabv2_resnet101"),
+                                               ("adda", "fcn8s_vgg16")])
 def test_resume_continues_exactly(data_dir, tmp_path, variant, backbone):
     """4 steps straight through == 2 steps, stop, resume to 4 (same seed, CPU): every network's
-    state, whatever the method's networks are (DeepLab's BatchNorm statistics included)."""
+    state, whatever the method's networks are (DeepLab's BatchNorm statistics included, and
+    ADDA's fixed source network, which has no optimizer state)."""
     programs = tiny_programs(variant, backbone)
     config = tiny_config(data_dir, variant, backbone)
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"), programs=programs,

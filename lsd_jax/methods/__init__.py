@@ -4,11 +4,12 @@ Every module has `build(config) -> base.Method`; the training program, checkpoin
 and the benchmark runner only use that interface (see `base`).
 """
 
-from lsd_jax.methods import adaptsegnet, advent, base, lsd, source_only
+from lsd_jax.methods import adaptsegnet, adversarial, advent, base, lsd, source_only
 from lsd_jax.methods.base import Method, NetState, States, compile_method, run_iteration
 
 BUILDERS = {"lsd": lsd.build, "source_only": source_only.build,
-            "adaptsegnet": adaptsegnet.build, "advent": advent.build}
+            "adaptsegnet": adaptsegnet.build, "advent": advent.build,
+            "adversarial": adversarial.build}
 METHODS = tuple(BUILDERS)
 
 

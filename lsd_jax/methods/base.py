@@ -80,6 +80,8 @@ class Method:
     output_shapes: (states, images) -> {network: {output name: shape}} for `--mode summary`.
     reads_target: whether the training batches need target images.
     console_terms: the metrics shown on the console line.
+    copies_of_f: networks that start as copies of F once config.init's weights are in it, and
+        are never trained (untied adversarial training's fixed source network).
     """
 
     name: str
@@ -93,6 +95,7 @@ class Method:
     output_shapes: Callable[[States, Any], dict]
     reads_target: bool
     console_terms: tuple[str, ...]
+    copies_of_f: tuple[str, ...] = ()
 
 
 def run_iteration(updates: Mapping[str, Update], mode: str, states: States, batch: Batch,
@@ -205,6 +208,13 @@ def init_network(module: nn.Module, tx: optax.GradientTransformation, key: jax.A
     params = variables["params"]
     return NetState(params, tx.init(params), variables.get("frozen", {}),
                     variables.get("batch_stats", {}))
+
+
+def fixed_copy(f: NetState) -> NetState:
+    """A network that is never trained: a copy of F's variables (its own buffers: a compiled
+    step donates every state's arrays), no optimizer state."""
+    params, frozen, statistics = jax.tree.map(jnp.copy, (f.params, f.frozen, f.batch_stats))
+    return NetState(params, optax.EmptyState(), frozen, statistics)
 
 
 def init_keys(key: jax.Array) -> jax.Array:
