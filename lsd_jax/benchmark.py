@@ -410,7 +410,9 @@ def make_record(options: Options, configs: Mapping[str, Any]) -> dict:
 def record_conflict(saved: Mapping, new: Mapping) -> str | None:
     """What makes `new` another benchmark than `saved` (the first differing field), or None.
     More seeds or variants are the same benchmark; other settings, or another resolved config
-    of a variant both have, are not."""
+    of a variant both have, are not. A config field the saved record lacks is one a later
+    version added (at its default, or the overrides would differ): no conflict, so that an
+    upgrade does not orphan a benchmark's finished runs."""
     for field in ("config_file", "target_overrides", "config_overrides", "pretrain"):
         if saved.get(field) != new.get(field):
             return f"{field} is {saved.get(field)!r} there but {new.get(field)!r} here"
@@ -418,10 +420,10 @@ def record_conflict(saved: Mapping, new: Mapping) -> str | None:
         if variant not in saved.get("configs", {}):
             continue
         old, fresh = flatten(saved["configs"][variant]), flatten(new["configs"][variant])
-        for key in sorted(set(old) | set(fresh)):
-            if old.get(key, "<absent>") != fresh.get(key, "<absent>"):
-                return (f"variant {variant}'s config.{key} is {old.get(key, '<absent>')!r} "
-                        f"there but {fresh.get(key, '<absent>')!r} here")
+        for key in sorted(old):
+            if old[key] != fresh.get(key, "<absent>"):
+                return (f"variant {variant}'s config.{key} is {old[key]!r} there but "
+                        f"{fresh.get(key, '<absent>')!r} here")
     return None
 
 

@@ -32,7 +32,9 @@ def model_summary(config) -> str:
     for name, module in method.networks.items():
         title, state = f"{name.upper()} ({type(module).__name__})", states[name]
         trainable, frozen = count(state.params), count(state.frozen)
-        sections.append(f"{title}: trainable parameters\n" + parameter_overview.get_parameter_overview(
+        kind = ("parameters (a copy of F's at the start, never trained)"
+                if name in method.copies_of_f else "trainable parameters")
+        sections.append(f"{title}: {kind}\n" + parameter_overview.get_parameter_overview(
             state.params, include_stats=False))
         if frozen:
             sections.append(f"{title}: frozen variables (never trained)\n"

@@ -202,6 +202,13 @@ def test_record_accepts_more_seeds_and_variants_and_names_what_differs():
     changed = {**saved, "configs": {"lsd": {**saved["configs"]["lsd"], "seed": 1}}}
     assert benchmark.record_conflict(changed, saved) == (
         "variant lsd's config.seed is 1 there but 1337 here")
+    # A field the saved record lacks came with a later version: its finished runs still count.
+    # One only the saved record has is another benchmark.
+    older = {**saved, "configs": {"lsd": {k: v for k, v in saved["configs"]["lsd"].items()
+                                          if k != "adversarial"}}}
+    assert benchmark.record_conflict(older, saved) is None
+    assert benchmark.record_conflict(saved, older) == (
+        "variant lsd's config.adversarial.adv_weight is 0.001 there but '<absent>' here")
 
 
 def test_a_results_file_cut_short_is_not_a_finished_run(tmp_path):
