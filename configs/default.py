@@ -17,7 +17,8 @@ from lsd_jax.data.config import default_data_config
 
 # What an experiment config's argument selects (`--config configs/gta.py:source_only`).
 VARIANTS = ("lsd", "source_only", "target_only", "adaptsegnet", "adaptsegnet_multi",
-            "adaptsegnet_ls", "advent", "minent", "adda", "grl", "confusion", "fcan_ran")
+            "adaptsegnet_ls", "advent", "minent", "adda", "grl", "confusion", "fcn_wild",
+            "fcan_ran")
 
 # The output-space variants: (method, that method's config fields set by the variant).
 OUTPUT_SPACE_VARIANTS = {
@@ -39,6 +40,10 @@ ADVERSARIAL_VARIANTS = {
     # One encoder trained on the source labels and against D: gradient reversal, or confusion.
     "grl": ({"tied": True, "mapping_loss": "minimax"}, "simultaneous"),
     "confusion": ({"tied": True, "mapping_loss": "confusion"}, "simultaneous"),
+    # FCNs in the Wild: global alignment (confusion, 0.5 (L_D + L_Dinv), D 1024-1024-2 with
+    # dropout) plus the size constraints (needs config.adversarial.size_statistics).
+    "fcn_wild": ({"tied": True, "mapping_loss": "confusion", "d_hidden": (1024, 1024),
+                  "d_channel_dropout": False, "size_weight": 1.0}, "alternating"),
     # FCAN's representation adaptation (RAN) alone: the ASPP discriminator on S's features,
     # max_S min_D (L_adv - 5 L_seg), alternating. (FCAN's appearance stage, AAN, is not here.)
     "fcan_ran": ({"tied": True, "mapping_loss": "minimax", "discriminator": "aspp",
@@ -52,8 +57,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     bound no adaptation method can use); adaptsegnet (single-level, BCE), adaptsegnet_multi,
     adaptsegnet_ls (LS-GAN), advent (AdvEnt), minent (MinEnt): the output-space methods with
     their reference weights, in their reference's simultaneous mode (docs/methods.md,
-    section 8); adda, grl, confusion, fcan_ran: settings of the unified adversarial framework
-    (section 10). Empty means lsd."""
+    section 8); adda, grl, confusion, fcn_wild, fcan_ran: settings of the unified adversarial
+    framework (section 10). Empty means lsd."""
     variant = variant or "lsd"
     if variant not in VARIANTS:
         raise ValueError(f"config argument {variant!r}: expected one of {VARIANTS} (as in "
@@ -216,6 +221,13 @@ def get_config() -> ml_collections.ConfigDict:
         d_channel_dropout=True,  # whole channels (Dropout2d), as ADDA's; False: single values
         d_lr=2e-4, d_b1=0.5, d_b2=0.999,  # ADDA's Adam
         d_weight_decay=2.5e-5,  # ADDA's L2 on D
+        # FCNs in the Wild's category-specific term on the target (0 = off): the constrained
+        # multiple-instance loss with the source's class size statistics, a file written once
+        # by `python -m lsd_jax.size_constraints --config ... --output FILE`.
+        size_weight=0.0,
+        size_statistics=placeholder(str),
+        size_slack_weight=2.0,  # price of lower-bound slack: at most exp(2) more mass (unverified)
+        size_iterations=100,    # dual iterations per image, inside the compiled step
     ))
 
     config.data = default_data_config()  # datasets, sizes, batch size: see docs/data.md

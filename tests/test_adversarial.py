@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import default
-from lsd_jax import methods, programs
+from lsd_jax import methods, programs, size_constraints
 from lsd_jax.methods import adversarial
 from lsd_jax.models.domain_discriminators import ASPPDiscriminator, PixelDiscriminator
 from test_gradients import assert_close, to_float64
@@ -337,6 +337,51 @@ def test_compiled_gradients_match_float64():
             assert_close(f32[name], reference[name], f"{variant} {name}: float32 against float64")
 
 
+# ----------------------------------------------------------------------------- FCNs in the Wild
+
+@pytest.fixture(scope="module")
+def statistics_file(tmp_path_factory):
+    """Size statistics of label maps with blocks of every class, as the command writes them."""
+    path = str(tmp_path_factory.mktemp("statistics") / "sizes.json")
+    blocks = np.random.default_rng(0).integers(0, CLASSES, (6, 8, 8))
+    stats = size_constraints.class_size_statistics(list(blocks.repeat(8, 1).repeat(8, 2)),
+                                                   CLASSES)
+    size_constraints.save_statistics(path, stats, dataset="test", class_set="cityscapes19")
+    return path
+
+
+def test_fcn_wild_adds_the_size_term_with_the_statistics_of_its_state(statistics_file):
+    config = variant_config("fcn_wild", size_statistics=statistics_file)
+    method = methods.build(config)
+    states = method.init(jax.random.key(0))
+    assert list(states) == ["f", "d", "size_statistics"] and method.mode == "alternating"
+    stats = size_constraints.load_statistics(statistics_file, CLASSES)
+    np.testing.assert_allclose(states["size_statistics"].params["gamma"], stats.gamma,
+                               rtol=1e-6)
+    assert states["d"].params["hidden1"]["kernel"].shape == (1, 1, 64, 64)  # 1024-1024 / 16
+
+    parts = adversarial.build_parts(config)
+    batch, key = learnable_batch(), jax.random.key(2)
+    variables = states["f"].variables(with_scores(states["f"].params))
+    loss, (terms, _) = adversarial.s_loss(parts, variables, None, states["d"].params, batch,
+                                          key, stats)
+    without, _ = adversarial.s_loss(dataclasses.replace(parts, size_weight=0.0), variables, None,
+                                    states["d"].params, batch, key)
+    target = adversarial.encode(parts, variables, batch["target_image"],
+                                methods.base.f_dropout_key(key, "target"))[0]["score"]
+    size, metrics = size_constraints.size_constraint_loss(target, stats, slack_weight=2.0,
+                                                          iterations=100)
+    np.testing.assert_allclose(float(loss), float(without) + float(size), rtol=1e-5)
+    assert float(terms["size_present_classes"]) == float(metrics["present_classes"]) > 0
+
+    # Inside the compiled step, from the statistics in the state (which nothing trains).
+    new, step_metrics = methods.compile_method(method, donate=False).step(states, batch, key)
+    assert np.isfinite(float(step_metrics["f/size"]))
+    assert float(step_metrics["f/size_violation_after"]) <= float(
+        step_metrics["f/size_violation_before"])
+    assert_trees_equal(new["size_statistics"], states["size_statistics"])
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("fields, message", [
@@ -347,7 +392,11 @@ def test_compiled_gradients_match_float64():
     ({"d_gate": 1.0}, r"config.adversarial.d_gate=1.0: expected D's accuracy threshold"),
     ({"adv_weight": -1.0}, r"config.adversarial.adv_weight=-1.0: expected a number >= 0"),
     ({"tied": True, "seg_weight": 0.0}, r"seg_weight=0 with tied=True"),
+    ({"size_weight": 1.0}, r"config.adversarial.size_weight=1.0 needs the source's class size "
+                           r"statistics: set config.adversarial.size_statistics"),
+    ({"size_weight": 1.0, "size_statistics": "missing.json"}, r"missing.json"),
+    ({"size_iterations": 0}, r"config.adversarial.size_iterations=0: expected a number"),
 ])
 def test_bad_fields_are_named(fields, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         methods.build(variant_config("adda", **fields))

@@ -18,6 +18,12 @@ layer4) or its class probabilities ("scores"). The choices that define a method:
     f_update(states, batch, key) -> the encoder's new state   (D fixed)
     d_update(states, batch, key) -> D's new state             (the maps detached)
 
+FCNs in the Wild adds a category-specific term on S's target predictions (`size_weight` > 0):
+the constrained multiple-instance loss of `lsd_jax.size_constraints`, with the per-class size
+statistics of the source labels (`size_statistics`, a file written once by
+`python -m lsd_jax.size_constraints`), read when a run starts and kept in its state
+("size_statistics", never trained) and so in every checkpoint.
+
 Untied training can drift: the target encoder forgets what C reads. The two safeguards
 implementations use, both off by default: `seg_weight` > 0 keeps a source cross-entropy through
 M_t; `d_gate` > 0 applies the adversarial term only while D's accuracy on the iteration's maps
@@ -26,16 +32,14 @@ is above it (0.6 in implementations).
 
 import dataclasses
 import logging
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from lsd_jax import losses, output_space
+from lsd_jax import losses, output_space, size_constraints
 from lsd_jax.methods import base
-from lsd_jax.methods.base import Metrics
+from lsd_jax.methods.base import Metrics, NetState
 from lsd_jax.models.domain_discriminators import ASPPDiscriminator, PixelDiscriminator
 from lsd_jax.models.layers import at_least_float32
 
@@ -43,14 +47,15 @@ D_INPUTS = ("features", "scores")
 MAPPING_LOSSES = ("gan", "confusion", "minimax")
 DISCRIMINATORS = ("pixel", "aspp")
 SOURCE_NETWORK = "f_source"  # the fixed source network of untied training
+SIZE_STATISTICS = "size_statistics"  # FCNs in the Wild's source statistics, in the state
 
 
 @dataclasses.dataclass(frozen=True)
 class Parts:
     """Everything static about one setting of the framework.
 
-    target_term: an extra term of S's loss on its target logits (FCNs in the Wild's size
-        constraints): logits -> (loss, metrics); None for none.
+    size_statistics: FCNs in the Wild's per-class source statistics (the run's starting
+        values; the update reads those in the state), or None without the size term.
     """
 
     s: nn.Module
@@ -63,8 +68,10 @@ class Parts:
     seg_weight: float
     adv_weight: float
     d_gate: float
-    target_term: Callable[[jax.Array], tuple[jax.Array, Metrics]] | None = None
-    target_weight: float = 0.0
+    size_statistics: size_constraints.SizeStatistics | None = None
+    size_weight: float = 0.0
+    size_slack_weight: float = 0.0
+    size_iterations: int = 0
 
 
 # ----------------------------------------------------------------------------- losses
@@ -133,12 +140,31 @@ def source_maps(parts: Parts, source_variables, batch, key) -> jax.Array:
     return jax.lax.stop_gradient(d_view(parts, outputs))
 
 
-def s_loss(parts: Parts, s_variables, source_variables, d_params, batch, key
+def statistics_state(stats: size_constraints.SizeStatistics) -> NetState:
+    """The size statistics as a state that is never trained (so that checkpoints keep them)."""
+    arrays = {name: jnp.asarray(getattr(stats, name), jnp.float32)
+              for name in ("alpha", "delta", "gamma", "count")}
+    return NetState(arrays, optax.EmptyState())
+
+
+def statistics_of(state: NetState) -> size_constraints.SizeStatistics:
+    p = state.params
+    return size_constraints.SizeStatistics(p["alpha"], p["delta"], p["gamma"], p["count"], 0)
+
+
+def size_term(parts: Parts, logits: jax.Array, stats: size_constraints.SizeStatistics):
+    return size_constraints.size_constraint_loss(
+        logits, stats, slack_weight=parts.size_slack_weight, iterations=parts.size_iterations)
+
+
+def s_loss(parts: Parts, s_variables, source_variables, d_params, batch, key,
+           size_statistics: size_constraints.SizeStatistics | None = None
            ) -> tuple[jax.Array, tuple[Metrics, base.Params]]:
     """The encoder's loss: seg_weight x the source cross-entropy (through the trained network;
     skipped at weight 0) + adv_weight x the mapping loss (x 0 while D's accuracy is at or below
-    d_gate) + target_weight x the target term. Also returns BatchNorm's running statistics
-    after the passes (source, then target)."""
+    d_gate) + size_weight x FCNs in the Wild's size term on the target (with
+    `size_statistics`). Also returns BatchNorm's running statistics after the passes (source,
+    then target)."""
     statistics = s_variables.get("batch_stats", {})
     terms: Metrics = {}
     loss = 0.0
@@ -162,11 +188,10 @@ def s_loss(parts: Parts, s_variables, source_variables, d_params, batch, key
     gate_open = (accuracy > parts.d_gate).astype(jnp.float32)
     terms["adv"] = mapping_loss(parts.mapping_loss, out_s, out_t)
     loss = loss + parts.adv_weight * gate_open * terms["adv"]
-    if parts.target_term is not None:
-        term, term_metrics = parts.target_term(target["score"])
-        terms["target"] = term
-        terms.update({f"target_{k}": v for k, v in term_metrics.items()})
-        loss = loss + parts.target_weight * term
+    if parts.size_weight:
+        terms["size"], size_metrics = size_term(parts, target["score"], size_statistics)
+        terms.update({f"size_{k}": v for k, v in size_metrics.items()})
+        loss = loss + parts.size_weight * terms["size"]
     return loss, ({"loss": loss, **terms, "d_accuracy": accuracy, "gate_open": gate_open},
                   statistics)
 
@@ -191,8 +216,10 @@ def f_update(parts: Parts, states, batch, key):
     s_state = states["f"]
     source_variables = None if parts.tied else states[SOURCE_NETWORK].variables()
     d_params = states["d"].params
+    size_statistics = statistics_of(states[SIZE_STATISTICS]) if parts.size_weight else None
     grads, (metrics, statistics) = jax.grad(
-        lambda p: s_loss(parts, s_state.variables(p), source_variables, d_params, batch, key),
+        lambda p: s_loss(parts, s_state.variables(p), source_variables, d_params, batch, key,
+                         size_statistics),
         has_aux=True)(s_state.params)
     new = base.apply_gradients(parts.s_tx, s_state, grads).replace(batch_stats=statistics)
     return new, base.with_grad_norm(metrics, grads)
@@ -254,7 +281,8 @@ def discriminator(config) -> nn.Module:
 
 
 def check_block(block) -> None:
-    for name in ("seg_weight", "adv_weight", "d_weight_decay"):
+    for name in ("seg_weight", "adv_weight", "d_weight_decay", "size_weight",
+                 "size_slack_weight"):
         value = block[name]
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"config.adversarial.{name}={value!r}: expected a number >= 0")
@@ -262,6 +290,9 @@ def check_block(block) -> None:
         if not isinstance(block[name], (int, float)) or block[name] <= 0:
             raise ValueError(f"config.adversarial.{name}={block[name]!r}: expected a positive "
                              "number")
+    if not isinstance(block.size_iterations, int) or block.size_iterations < 1:
+        raise ValueError(f"config.adversarial.size_iterations={block.size_iterations!r}: "
+                         "expected a number of solver iterations >= 1")
     if not 0 <= block.d_gate < 1:
         raise ValueError(f"config.adversarial.d_gate={block.d_gate!r}: expected D's accuracy "
                          "threshold in [0, 1) (0 = no gate)")
@@ -274,7 +305,22 @@ def check_block(block) -> None:
                          "instead)")
 
 
-def build_parts(config, target_term=None, target_weight: float = 0.0) -> Parts:
+def read_size_statistics(config) -> size_constraints.SizeStatistics | None:
+    """FCNs in the Wild's statistics file, when its term is on (a clear error when the file is
+    not named, missing, or of another class set)."""
+    block = config.adversarial
+    if not block.size_weight:
+        return None
+    if not block.size_statistics:
+        raise ValueError(
+            f"config.adversarial.size_weight={block.size_weight} needs the source's class size "
+            "statistics: set config.adversarial.size_statistics to the file written by "
+            "`python -m lsd_jax.size_constraints --config <this config> --output <file>`")
+    return size_constraints.load_statistics(block.size_statistics, config.num_classes,
+                                            config.data.class_set)
+
+
+def build_parts(config) -> Parts:
     block = config.adversarial
     base.check_choice("adversarial.d_input", block.d_input, D_INPUTS)
     base.check_choice("adversarial.mapping_loss", block.mapping_loss, MAPPING_LOSSES)
@@ -284,8 +330,10 @@ def build_parts(config, target_term=None, target_weight: float = 0.0) -> Parts:
                  s_tx=s_optimizer(config, tied), d_tx=d_optimizer(block),
                  d_input=block.d_input, tied=tied, mapping_loss=block.mapping_loss,
                  seg_weight=float(block.seg_weight), adv_weight=float(block.adv_weight),
-                 d_gate=float(block.d_gate), target_term=target_term,
-                 target_weight=float(target_weight))
+                 d_gate=float(block.d_gate), size_statistics=read_size_statistics(config),
+                 size_weight=float(block.size_weight),
+                 size_slack_weight=float(block.size_slack_weight),
+                 size_iterations=int(block.size_iterations))
 
 
 def method_from_parts(name: str, config, parts: Parts) -> base.Method:
@@ -307,6 +355,8 @@ def method_from_parts(name: str, config, parts: Parts) -> base.Method:
         states = {"f": f, "d": base.init_network(parts.d, parts.d_tx, keys[1], example)}
         if not parts.tied:
             states[SOURCE_NETWORK] = base.fixed_copy(f)
+        if parts.size_weight:
+            states[SIZE_STATISTICS] = statistics_state(parts.size_statistics)
         return states
 
     def output_shapes(states, image):
@@ -332,7 +382,8 @@ def method_from_parts(name: str, config, parts: Parts) -> base.Method:
         learning_rates=lambda step: {**f_rates(step), "lr/d": d_rate},
         output_shapes=output_shapes,
         reads_target=True,
-        console_terms=(*(("f/seg",) if parts.seg_weight else ()), "f/adv", "d/loss"),
+        console_terms=(*(("f/seg",) if parts.seg_weight else ()), "f/adv",
+                       *(("f/size",) if parts.size_weight else ()), "d/loss"),
         copies_of_f=() if parts.tied else (SOURCE_NETWORK,),
     )
 
