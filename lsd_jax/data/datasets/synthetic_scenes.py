@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 from absl import logging
 
 import tensorflow_datasets as tfds
