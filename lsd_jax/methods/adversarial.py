@@ -32,6 +32,7 @@ is above it (0.6 in implementations).
 
 import dataclasses
 import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
