@@ -44,7 +44,13 @@ CONFIG_FILE = "config.json"
 # Config fields that decide the shape or meaning of what a checkpoint holds: a workdir written
 # with other values cannot be resumed or evaluated with this config. Everything else (number of
 # steps, learning rates, logging, data paths...) may change between runs on one workdir.
-STRUCTURAL_FIELDS = ("method", "num_classes", "model.width", "data.class_set")
+# Fields that shape the saved states (which networks, their sizes): a resume with another value
+# cannot read the checkpoints. A field the workdir's config.json lacks (written before it
+# existed) is not compared.
+STRUCTURAL_FIELDS = ("method", "num_classes", "model.width", "data.class_set", "model.backbone",
+                     "model.resnet_blocks", "adaptsegnet.multi_level", "advent.multi_level",
+                     "advent.kind", "adversarial.tied", "adversarial.d_input",
+                     "adversarial.discriminator", "adversarial.d_hidden")
 
 
 class IncompatibleWorkdirError(UserError, ValueError):
@@ -133,7 +139,9 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     saved = read_config(workdir)
     if saved is None or not saved_steps(workdir):
         return
-    structural = config_differences(saved, config, STRUCTURAL_FIELDS)
+    recorded = flatten_config(saved)
+    structural = config_differences(saved, config,
+                                    tuple(f for f in STRUCTURAL_FIELDS if f in recorded))
     if structural:
         fields = "; ".join(f"{k}: workdir has {a!r}, this config has {b!r}"
                            for k, (a, b) in structural.items())
@@ -245,8 +253,16 @@ def restore(manager: ocp.CheckpointManager, like_states, like_key: jax.Array,
     if step is None:
         return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(like_states, like_key))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except ValueError as error:  # orbax: the saved tree is not the one asked for
+        first = str(error).strip().splitlines()
+        raise IncompatibleWorkdirError(
+            f"the checkpoint of step {step} in {manager.directory} holds other states than this "
+            "config's (another method, network or setting that shapes them); use another "
+            f"--workdir, or the config it was written with. orbax: {' '.join(first[:3])}"
+        ) from error
     key_impl = jax.random.key_impl(like_key)
     base_key = jax.random.wrap_key_data(restored.state["base_key"], impl=key_impl)
     return Restored(step, restored.state["states"], base_key, dict(restored.meta))

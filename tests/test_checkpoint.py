@@ -134,6 +134,34 @@ def test_incompatible_workdir_says_what_differs(tmp_path):
     assert saved["model"]["width"] == 1 / 16
 
 
+def test_states_of_another_layout_are_a_clear_error(tmp_path):
+    """A checkpoint whose states are not this config's (here: another network set) is refused
+    with the step and the workdir named, not with orbax's traceback."""
+    save_a_checkpoint(tmp_path / "run")
+    manager = checkpoint.make_manager(str(tmp_path / "run"), read_only=True)
+    with pytest.raises(checkpoint.IncompatibleWorkdirError,
+                       match=r"the checkpoint of step 2 in .*run/checkpoints holds other states "
+                             r"than this config's"):
+        checkpoint.restore(manager, {"w": jax.numpy.ones(2), "d": jax.numpy.ones(3)},
+                           jax.random.key(0))
+    manager.close()
+
+
+def test_structural_fields_the_workdir_predates_are_not_compared(tmp_path):
+    config = tiny_config(str(tmp_path / "tfds"), "adda")
+    checkpoint.write_config(str(tmp_path), config)
+    save_a_checkpoint(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["adversarial"]  # as written before the framework existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    checkpoint.check_compatible(str(tmp_path), config)
+    saved["adversarial"] = {"tied": True}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(checkpoint.IncompatibleWorkdirError,
+                       match="adversarial.tied: workdir has True, this config has False"):
+        checkpoint.check_compatible(str(tmp_path), config)
+
+
 def test_a_workdir_without_checkpoint_is_fresh(tmp_path):
     """A start that stopped before its first checkpoint left config.json: the corrected
     command is not refused, and its config replaces the old one."""
