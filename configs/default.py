@@ -256,7 +256,8 @@ def get_config() -> ml_collections.ConfigDict:
     # initialisation, which is only good for small experiments.
     config.init.vgg16_weights = placeholder(str)
     # PyTorch LSD-seg state_dicts (reference parameter names: docs/methods.md, section 2) to
-    # start F, G, D from.
+    # start F, G, D from. With a DeepLab backbone, torch_f is an AdaptSegNet / ADVENT DeepLab
+    # state_dict (section 9): their released models, or the initialisation they start from.
     config.init.torch_f = placeholder(str)
     config.init.torch_g = placeholder(str)
     config.init.torch_d = placeholder(str)

@@ -69,16 +69,22 @@ def _import_weights(config, method: methods.Method,
     init = config.init
     f = states["f"]
     f_vars = f.variables()
-    for field in ("vgg16_weights", "torch_f"):
-        if init[field] and config.model.backbone != "fcn8s_vgg16":
-            raise ConfigError(f"config.init.{field} holds weights for FCN-8s, but "
-                              f"config.model.backbone={config.model.backbone!r}")
+    backbone = config.model.backbone
+    if init.vgg16_weights and backbone != "fcn8s_vgg16":
+        raise ConfigError(f"config.init.vgg16_weights holds weights for FCN-8s's VGG16, but "
+                          f"config.model.backbone={backbone!r}")
     if init.vgg16_weights:
         f_vars = weights.import_keras_vgg16(init.vgg16_weights, f_vars)
         logging.info("F's backbone: ImageNet VGG16 weights from %s", init.vgg16_weights)
-    if init.torch_f:
+    if init.torch_f and backbone == "fcn8s_vgg16":
         f_vars = weights.import_torch_fcn8s(init.torch_f, f_vars)
         logging.info("F: PyTorch LSD-seg weights from %s", init.torch_f)
+    elif init.torch_f:
+        f_vars, kept, unused = weights.import_torch_deeplab(init.torch_f, f_vars, backbone,
+                                                            config.model.resnet_blocks)
+        logging.info("F: PyTorch DeepLab-v2 weights from %s%s%s", init.torch_f,
+                     f"; classifiers {kept} keep this run's initialisation" if kept else "",
+                     f"; the file's {unused} are not used" if unused else "")
     if init.f_workdir:
         step, saved = checkpoint.read_network(init.f_workdir, "f", init.f_step)
         f_vars = _same_structure(saved, f_vars, f"F of step {step} in {init.f_workdir!r}")

@@ -480,14 +480,14 @@ def _table(network: str) -> tuple[TensorName, ...]:
     return TORCH_NAMES[network]
 
 
-def _check_table_fits(flat: Mapping[Path, Any], table: Sequence[TensorName], network: str) -> None:
-    """The variables are `network`'s, and the table names every one of them."""
+def _check_table_fits(flat: Mapping[Path, Any], table: Sequence[TensorName], what: str) -> None:
+    """The variables are those of the network `what` names, and the table names every one."""
     ours = {name.ours for name in table}
     absent = [_path_str(p) for p in ours if p not in flat]
     uncovered = [_path_str(p) for p in flat if p not in ours]
     if absent or uncovered:
         raise ValueError(
-            f"the variables passed are not {NETWORK_NAMES[network]}'s: "
+            f"the variables passed are not {what}'s: "
             + (f"missing {sorted(absent)}" if absent else "")
             + ("; " if absent and uncovered else "")
             + (f"not in the PyTorch name table: {sorted(uncovered)}" if uncovered else ""))
@@ -547,10 +547,14 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], variables: Variables, ne
     Raises WeightImportError listing every missing key, every unexpected key and every shape
     mismatch (key, expected shape in PyTorch's layout, found shape).
     """
-    table = _table(network)
+    return _import_table(state_dict, variables, _table(network), NETWORK_NAMES[network], source)
+
+
+def _import_table(state_dict: Mapping[str, np.ndarray], variables: Variables,
+                  table: Sequence[TensorName], what: str, source: str) -> Variables:
+    """`torch_to_flax` for any name table; `what` names the network in messages."""
     flat = _flatten(variables)
-    _check_table_fits(flat, table, network)
-    what = NETWORK_NAMES[network]
+    _check_table_fits(flat, table, what)
 
     expected = [name.torch for name in table]
     listed = set(expected)
@@ -589,7 +593,7 @@ def flax_to_torch(variables: Variables, network: str) -> dict[str, np.ndarray]:
     `{k: torch.from_numpy(v) for k, v in ...}`."""
     table = _table(network)
     flat = _flatten(variables)
-    _check_table_fits(flat, table, network)
+    _check_table_fits(flat, table, NETWORK_NAMES[network])
     return {name.torch: name.layout.from_ours(np.asarray(flat[name.ours], np.float32))
             for name in table}
 
@@ -623,3 +627,70 @@ def import_torch_discriminator(path: str | os.PathLike, variables: Variables,
                                key: str | None = None) -> Variables:
     """D's variables ({'params'}) from a reference _netD state_dict (.pth)."""
     return _import_torch("D", path, variables, key)
+
+
+# The AdaptSegNet / ADVENT codes start from a DeepLab ResNet-101 initialisation whose keys are
+# nested under "Scale." and whose classifier "layer5" sits on layer4 with another class count;
+# their code drops the prefix and skips that classifier for 19 classes.
+DEEPLAB_INIT_PREFIX = "Scale."
+DEEPLAB_CLASSIFIERS = ("layer5.", "layer6.", "classifier.")
+
+
+def deeplab_table(backbone: str, variables: Variables,
+                  blocks: Sequence[int] = RESNET101_BLOCKS) -> tuple[TensorName, ...]:
+    """The name table of a DeepLab-v2 network's variables ("deeplabv2_resnet101" with its
+    auxiliary classifier when the variables have one, or "deeplabv2_vgg16")."""
+    if backbone == "deeplabv2_vgg16":
+        return TORCH_NAMES["deeplabv2_vgg16"]
+    if backbone != "deeplabv2_resnet101":
+        raise ValueError(f"deeplab_table: expected a DeepLab-v2 backbone, got {backbone!r}")
+    params = variables["params"]
+    return _deeplab_resnet_names(tuple(blocks), aux_classifier="classifier_aux" in params)
+
+
+def deeplab_state_dict(variables: Variables, backbone: str,
+                       blocks: Sequence[int] = RESNET101_BLOCKS) -> dict[str, np.ndarray]:
+    """A DeepLab-v2 network's variables as a PyTorch state_dict (numpy, PyTorch layouts) under
+    the AdaptSegNet / ADVENT names: what `import_torch_deeplab` reads."""
+    flat = _flatten(variables)
+    return {name.torch: name.layout.from_ours(np.asarray(flat[name.ours], np.float32))
+            for name in deeplab_table(backbone, variables, blocks)}
+
+
+def import_torch_deeplab(path: str | os.PathLike, variables: Variables, backbone: str,
+                         blocks: Sequence[int] = RESNET101_BLOCKS, key: str | None = None
+                         ) -> tuple[Variables, list[str], list[str]]:
+    """A DeepLab-v2 network's variables ({"params", "frozen", "batch_stats"}, arrays) from a
+    PyTorch state_dict under the AdaptSegNet / ADVENT names: their released trained models, or
+    the DeepLab initialisation they start from ("Scale." prefix dropped). Returns the
+    variables, the classifiers that keep this network's initialisation and the file's
+    classifiers left unused (reference module names, e.g. "layer5"): a classifier that the file
+    lacks, or has for another class count or input, keeps this network's initialisation, as
+    those codes do, and one this network does not have (a multi-level model's "layer5" in a
+    single-level network) is not used; every other tensor must be in the file and fit.
+    """
+    source = os.fspath(path)
+    state = {k.removeprefix(DEEPLAB_INIT_PREFIX): v
+             for k, v in load_torch_state_dict(path, key).items()}
+    table = deeplab_table(backbone, variables, blocks)
+    flat = _flatten(variables)
+    listed = {name.torch for name in table}
+    unused = {k.split(".")[0] for k in state if k.startswith(DEEPLAB_CLASSIFIERS)
+              and k not in listed}
+    state = {k: v for k, v in state.items() if k.split(".")[0] not in unused}
+    kept = set()
+    for name in table:
+        if not name.torch.startswith(DEEPLAB_CLASSIFIERS):
+            continue
+        found = state.get(name.torch)
+        if found is None or np.shape(found) != name.layout.torch_shape(flat[name.ours].shape):
+            kept.add(name.torch.split(".")[0])
+    loaded = set(state)
+    for module in kept:  # ours in place of the file's: torch_to_flax then takes them back
+        state = {k: v for k, v in state.items() if not k.startswith(module + ".")}
+        state.update({name.torch: name.layout.from_ours(np.asarray(flat[name.ours]))
+                      for name in table if name.torch.startswith(module + ".")})
+    what = NETWORK_NAMES["deeplabv2_vgg16" if backbone == "deeplabv2_vgg16"
+                         else "deeplabv2_resnet101"]
+    unused |= {module for module in kept if any(k.startswith(module + ".") for k in loaded)}
+    return _import_table(state, variables, table, what, source), sorted(kept), sorted(unused)

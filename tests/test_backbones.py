@@ -129,3 +129,58 @@ def test_outputs_are_named_per_backbone():
                                                            "score_aux")
     assert base.output_names(built("adaptsegnet", "deeplabv2_vgg16")[0].networks["f"]) == (
         "score", "fc7")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def save_state_dict(state: dict, path) -> str:
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, str(path))
+    return str(path)
+
+
+def test_reference_deeplab_files_start_a_run(tmp_path):
+    """config.init.torch_f with a DeepLab backbone: the AdaptSegNet / ADVENT initialisation
+    ("Scale." prefix, its layer5 classifier on layer4 for other classes) gives the backbone and
+    its statistics, the classifiers keep this run's initialisation; a released multi-level
+    model gives everything, and in a single-level network its auxiliary classifier is unused;
+    a missing backbone tensor is named."""
+    from lsd_jax import programs, weights
+    from lsd_jax.weights import WeightImportError
+
+    method, states, _ = built()
+    released = methods.build(deeplab_config()).init(jax.random.key(7))["f"].variables()
+    # Running statistics of a trained network (fresh ones are zeros and ones everywhere).
+    released["batch_stats"] = jax.tree.map(lambda x: x + 0.25, released["batch_stats"])
+    blocks = (1, 1, 1, 1)
+    state = weights.deeplab_state_dict(released, "deeplabv2_resnet101", blocks)
+    assert {k.split(".")[0] for k in state} >= {"conv1", "layer4", "layer5", "layer6"}
+
+    init = {f"Scale.{k}": v for k, v in state.items() if not k.startswith(("layer5", "layer6"))}
+    init.update({f"Scale.layer5.conv2d_list.{k}.weight": np.zeros((21, 128, 3, 3), np.float32)
+                 for k in range(4)})  # on layer4 (2,048 x 1/16 channels), 21 classes
+    config = deeplab_config()
+    config.init.torch_f = save_state_dict(init, tmp_path / "init.pth")
+    imported = programs._import_weights(config, method, states)["f"]
+    for collection in ("params", "frozen", "batch_stats"):
+        ours, theirs = imported.variables()[collection], released[collection]
+        for name in ours:
+            expected = states["f"].variables()[collection][name] if name.startswith(
+                "classifier") else theirs[name]
+            assert_trees_equal(ours[name], expected)
+    assert trees_differ(imported.batch_stats, states["f"].batch_stats)
+
+    single_method, single_states, _ = built("adaptsegnet")
+    config = deeplab_config("adaptsegnet")
+    config.init.torch_f = save_state_dict(state, tmp_path / "released_multi.pth")
+    imported = programs._import_weights(config, single_method, single_states)["f"]
+    assert_trees_equal(imported.params["classifier"], released["params"]["classifier"])
+    assert "classifier_aux" not in imported.params
+    variables, kept, unused = weights.import_torch_deeplab(
+        config.init.torch_f, single_states["f"].variables(), "deeplabv2_resnet101", blocks)
+    assert (kept, unused) == ([], ["layer5"])
+
+    broken = {k: v for k, v in state.items() if k != "layer3.0.conv2.weight"}
+    config.init.torch_f = save_state_dict(broken, tmp_path / "broken.pth")
+    with pytest.raises(WeightImportError, match=r"(?s)broken.pth does not match .* missing keys "
+                                                r"\(1\): layer3.0.conv2.weight"):
+        programs._import_weights(config, single_method, single_states)
