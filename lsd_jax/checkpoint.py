@@ -44,9 +44,7 @@ CONFIG_FILE = "config.json"
 # Config fields that decide the shape or meaning of what a checkpoint holds: a workdir written
 # with other values cannot be resumed or evaluated with this config. Everything else (number of
 # steps, learning rates, logging, data paths...) may change between runs on one workdir.
-# Fields that shape the saved states (which networks, their sizes): a resume with another value
-# cannot read the checkpoints. A field the workdir's config.json lacks (written before it
-# existed) is not compared.
+# A field the workdir's config.json lacks (written before the field existed) is not compared.
 STRUCTURAL_FIELDS = ("method", "num_classes", "model.width", "data.class_set", "model.backbone",
                      "model.resnet_blocks", "adaptsegnet.multi_level", "advent.multi_level",
                      "advent.kind", "adversarial.tied", "adversarial.d_input",

@@ -287,10 +287,8 @@ def check_block(block) -> None:
         value = block[name]
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"config.adversarial.{name}={value!r}: expected a number >= 0")
-    for name in ("d_lr",):
-        if not isinstance(block[name], (int, float)) or block[name] <= 0:
-            raise ValueError(f"config.adversarial.{name}={block[name]!r}: expected a positive "
-                             "number")
+    if not isinstance(block.d_lr, (int, float)) or block.d_lr <= 0:
+        raise ValueError(f"config.adversarial.d_lr={block.d_lr!r}: expected a positive number")
     if not isinstance(block.size_iterations, int) or block.size_iterations < 1:
         raise ValueError(f"config.adversarial.size_iterations={block.size_iterations!r}: "
                          "expected a number of solver iterations >= 1")
