@@ -18,7 +18,7 @@ from lsd_jax.data.config import default_data_config
 # What an experiment config's argument selects (`--config configs/gta.py:source_only`).
 VARIANTS = ("lsd", "source_only", "target_only", "adaptsegnet", "adaptsegnet_multi",
             "adaptsegnet_ls", "advent", "minent", "adda", "grl", "confusion", "fcn_wild",
-            "fcan_ran")
+            "fcan_ran", "fcan")
 
 # The output-space variants: (method, that method's config fields set by the variant).
 OUTPUT_SPACE_VARIANTS = {
@@ -45,10 +45,11 @@ ADVERSARIAL_VARIANTS = {
     "fcn_wild": ({"tied": True, "mapping_loss": "confusion", "d_hidden": (1024, 1024),
                   "d_channel_dropout": False, "size_weight": 1.0}, "alternating"),
     # FCAN's representation adaptation (RAN) alone: the ASPP discriminator on S's features,
-    # max_S min_D (L_adv - 5 L_seg), alternating. (FCAN's appearance stage, AAN, is not here.)
+    # max_S min_D (L_adv - 5 L_seg), alternating; fcan: the same on the AAN-adapted source.
     "fcan_ran": ({"tied": True, "mapping_loss": "minimax", "discriminator": "aspp",
                   "seg_weight": 5.0, "adv_weight": 1.0}, "alternating"),
 }
+ADVERSARIAL_VARIANTS["fcan"] = ADVERSARIAL_VARIANTS["fcan_ran"]
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
@@ -58,7 +59,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     adaptsegnet_ls (LS-GAN), advent (AdvEnt), minent (MinEnt): the output-space methods with
     their reference weights, in their reference's simultaneous mode (docs/methods.md,
     section 8); adda, grl, confusion, fcn_wild, fcan_ran: settings of the unified adversarial
-    framework (section 10). Empty means lsd."""
+    framework (section 10); fcan: fcan_ran on the AAN-adapted source (section 11). Empty
+    means lsd."""
     variant = variant or "lsd"
     if variant not in VARIANTS:
         raise ValueError(f"config argument {variant!r}: expected one of {VARIANTS} (as in "
@@ -74,6 +76,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
         config.method = "adversarial"
         config.update_mode = mode
         config.adversarial.update(fields)
+    if variant == "fcan":
+        use_adapted_source(config)
     if variant in ("source_only", "target_only"):
         config.method = "source_only"
     if variant == "target_only":
@@ -87,6 +91,17 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
                 source[field] = target[field].copy_and_resolve_references()
             elif field != "flip":
                 source[field] = target.get_ref(field)
+    return config
+
+
+def use_adapted_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Train on the AAN-adapted copy of the source (FCAN): the copy's directory is given as
+    --config.data.source.manual_dir (written by python -m lsd_jax.appearance_transfer with the
+    same config without :fcan). Sizes, crops and flips stay the source's."""
+    source = config.data.source
+    source.name = f"appearance_adapted/{config.data.class_set}"
+    source.split = "train"
+    source.config_overrides = ml_collections.ConfigDict({"copy": ""})
     return config
 
 
@@ -230,6 +245,27 @@ def get_config() -> ml_collections.ConfigDict:
         size_iterations=100,    # dual iterations per image, inside the compiled step
     ))
 
+    # FCAN's appearance adaptation (AAN, docs/methods.md section 11): an offline stage,
+    # `python -m lsd_jax.appearance_transfer --config ... --output DIR`, that writes an adapted
+    # copy of data.source in data.target's appearance; the :fcan variant trains on such a copy.
+    config.aan = ml_collections.ConfigDict(dict(
+        layers=("conv1", "res2", "res3", "res4", "res5"),  # conv1, res2c, res3d, res4f, res5c
+        content_weights=(1.0, 1.0, 1.0, 1.0, 1.0),  # w_s per layer (not given by the paper)
+        style_weights=(1.0, 1.0, 1.0, 1.0, 1.0),    # w_t per layer (not given by the paper)
+        alpha=1e-14,            # the style term's weight
+        iterations=1000,
+        step_size=10.0,         # w_i = step_size * (I - i) / I, grey levels per mean |g|
+        batch_size=1,           # source images optimised together (equal sizes)
+        resize=placeholder(tuple),  # (H, W) to adapt and store the source at; None = as stored
+        max_target_images=placeholder(int),  # target images for the mean Grams; None = all
+        # The feature network: ImageNet ResNet-50 from a Keras .h5/.keras file; None = a random
+        # He-normal ResNet (see lsd_jax/appearance_transfer.py for what that is worth).
+        weights=placeholder(str),
+        resnet_blocks=(3, 4, 6, 3),
+        width=1.0,              # channel multiplier (random features and tests only)
+        seed=0,                 # the starting noise, and the random network's weights
+    ))
+
     config.data = default_data_config()  # datasets, sizes, batch size: see docs/data.md
 
     config.train = ml_collections.ConfigDict()
@@ -255,6 +291,9 @@ def get_config() -> ml_collections.ConfigDict:
     # ImageNet VGG16 weights for F's backbone (a Keras .h5/.keras file, see README); None = He
     # initialisation, which is only good for small experiments.
     config.init.vgg16_weights = placeholder(str)
+    # ImageNet ResNet-101 weights for a deeplabv2_resnet101 backbone (a Keras .h5/.keras file
+    # of keras.applications.ResNet101, see README); None = N(0, 0.01).
+    config.init.resnet_weights = placeholder(str)
     # PyTorch LSD-seg state_dicts (reference parameter names: docs/methods.md, section 2) to
     # start F, G, D from. With a DeepLab backbone, torch_f is an AdaptSegNet / ADVENT DeepLab
     # state_dict (section 9): their released models, or the initialisation they start from.

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Iterable, Iterator, NamedTuple
 
 import jax
@@ -535,60 +534,20 @@ def write_source_statistics(config, output: str, max_images: int | None = None
 
 
 def _command() -> None:
-    """`python -m lsd_jax.size_constraints`: its flags are defined only here, so that importing
-    this module (as the training program does) defines none."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    """`python -m lsd_jax.size_constraints`."""
+    from absl import flags
 
-    from lsd_jax.errors import UserError
+    from lsd_jax.commands import run_config_command
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py), "
-                                    "optionally with an argument; its data.source is read.",
-                                    lock_config=True)
-    flags.DEFINE_string("output", None, "Where to write the statistics (JSON).")
-    flags.DEFINE_integer("max_images", None, "Read only the first N source images (in the "
-                         "stored order).", lower_bound=1)
-    flags.mark_flags_as_required(["config", "output"])
-    name = "lsd_jax.size_constraints"
+    def define_flags():
+        flags.DEFINE_string("output", None, "Where to write the statistics (JSON).")
+        flags.DEFINE_integer("max_images", None, "Read only the first N source images (in the "
+                             "stored order).", lower_bound=1)
+        flags.mark_flag_as_required("output")
 
-    def parse(argv):
-        try:
-            remaining = flags.FLAGS(argv)
-            flags.FLAGS.config.get("data")  # a config file that failed to load raises here
-            return remaining
-        except flags.Error as error:
-            # An error raised by the config file comes with its traceback: keep its last line.
-            head, marker, trace = str(error).partition("Error whilst parsing config file:")
-            lines = [line.strip() for line in trace.splitlines() if line.strip()]
-            message = " ".join((head + (lines[-1] if marker and lines else "")).split())
-        except (AttributeError, KeyError) as error:  # ml_collections: an unknown field
-            while error.args and isinstance(error.args[0], BaseException):
-                error = error.args[0]
-            field = str(error.args[0] if error.args else error).split("\n")[0].strip("'\" ")
-            message = f"--config: the config has no field {field!r}"
-        except (OSError, ValueError, TypeError) as error:
-            message = f"--config: cannot load the config file: {error}"
-        print(f"{name}: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    def main(argv):
-        # What the libraries log at INFO (files read, a dataset generated) stays quiet; this
-        # command prints its own progress. A custom builder config is what overrides ask for.
-        logging.set_verbosity(logging.WARNING)
-        logging.get_absl_handler().addFilter(lambda record: not str(record.msg).startswith(
-            "Using custom data configuration"))
-        if len(argv) > 1:
-            print(f"{name}: unexpected arguments {argv[1:]}", file=sys.stderr)
-            return 2
-        FLAGS = flags.FLAGS
-        try:
-            write_source_statistics(FLAGS.config, FLAGS.output, FLAGS.max_images)
-        except (UserError, OSError, ValueError) as error:
-            print(f"{name}: {error}", file=sys.stderr)
-            return 1
-        return 0
-
-    app.run(main, flags_parser=parse)
+    run_config_command(
+        "lsd_jax.size_constraints", define_flags,
+        lambda FLAGS: write_source_statistics(FLAGS.config, FLAGS.output, FLAGS.max_images))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def load_builder(name: str, data_dir: str | None, manual_dir: str | None = None,
                 f"`python -m lsd_jax.data.prepare {builder.info.full_name.rsplit('/', 1)[0]} "
                 f"--manual_dir <extracted files> --data_dir {data_dir or '~/tensorflow_datasets'}`"
                 ", or set manual_dir in the data config (see docs/data.md).")
+    if builder.name == "appearance_adapted":
+        from lsd_jax.data.datasets.appearance_adapted import check_same_copy
+
+        check_same_copy(builder, manual_dir)
     return builder
 
 
