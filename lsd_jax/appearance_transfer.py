@@ -317,12 +317,21 @@ def _equal_size_batches(items: Iterable, batch_size: int, size_of: Callable) -> 
         yield batch
 
 
+def _read_once():
+    """Read once, in order: TFDS's auto-cache of small splits would be cut short by take()
+    (and tf.data warns that it was)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.ReadConfig(try_autocache=False)
+
+
 def _target_images(config, builder, image_key: str) -> Iterator[np.ndarray]:
     import tensorflow_datasets as tfds
 
     target, limit = config.data.target, config.aan.max_target_images
     ds = builder.as_dataset(split=target.split, shuffle_files=False,
-                            decoders={image_key: tfds.decode.SkipDecoding()})
+                            decoders={image_key: tfds.decode.SkipDecoding()},
+                            read_config=_read_once())
     if limit is not None:
         ds = ds.take(limit)
     for example in ds.as_numpy_iterator():
@@ -372,7 +381,8 @@ def _source_examples(config, builder, image_key, label_key, max_images) -> Itera
 
     source = config.data.source
     skip = {image_key: tfds.decode.SkipDecoding(), label_key: tfds.decode.SkipDecoding()}
-    ds = builder.as_dataset(split=source.split, shuffle_files=False, decoders=skip)
+    ds = builder.as_dataset(split=source.split, shuffle_files=False, decoders=skip,
+                            read_config=_read_once())
     if max_images is not None:
         ds = ds.take(max_images)
     for example in ds.as_numpy_iterator():

@@ -60,10 +60,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                               f"has no {name[-1].upper()}")
 
 
-def check_training_sizes(data) -> None:
-    """The training images' size (crop, else resize) of both domains: one size, that G can
-    work with (multiples of 32). The input pipeline checks this too, but only once the first
-    batch is read, after compiling."""
+def check_training_sizes(data, one_size: bool = True) -> None:
+    """The training images' size (crop, else resize) of each domain: fixed, and with
+    `one_size` (LSD, `methods.needs_one_size`) one size for both domains that G can work with
+    (multiples of 32). The input pipeline checks this too, but only once the first batch is
+    read, after compiling."""
     sizes = {}
     for domain in ("source", "target"):
         d = data[domain]
@@ -81,12 +82,15 @@ def check_training_sizes(data) -> None:
             raise ConfigError(f"config.data.{domain}.crop={size} is larger than "
                               f"config.data.{domain}.resize={tuple(d.resize)}")
         try:
-            check_training_size(*size)
+            if one_size:
+                check_training_size(*size)
+            elif min(size) < 1:
+                raise ValueError("expected a positive height and width")
         except ValueError as error:
             raise ConfigError(f"config.data.{domain}.{field}={size}: {error}") from None
         sizes[domain] = (field, size)
     (source_field, source), (target_field, target) = sizes["source"], sizes["target"]
-    if source != target:
+    if one_size and source != target:
         raise ConfigError(f"config.data.source.{source_field}={source} but config.data.target."
                           f"{target_field}={target}: both domains' training images must have "
                           "one size")
@@ -95,7 +99,7 @@ def check_training_sizes(data) -> None:
 def check_weight_files(config, workdir: str) -> None:
     """The files of pretrained weights and the run config.init names exist (read when a run
     starts fresh), and that run is not this one."""
-    for name in ("vgg16_weights", "torch_f", "torch_g", "torch_d"):
+    for name in ("vgg16_weights", "resnet_weights", "torch_f", "torch_g", "torch_d"):
         path = config.init[name]
         if path and "://" not in path and not os.path.exists(path):
             raise ConfigError(f"config.init.{name}={path!r}: no such file")

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import jax
 from clu import periodic_actions
 
-from lsd_jax import checkpoint, distributed, preflight, reporting
+from lsd_jax import checkpoint, distributed, methods, preflight, reporting
 from lsd_jax.data import classes
 from lsd_jax.errors import Interrupted, UserError
 from lsd_jax.evaluate import format_percent
@@ -73,7 +73,7 @@ def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None
     """
     eval_fields = preflight.evaluated_sets(config, evaluate_at_end)
     preflight.check_config(config)
-    preflight.check_training_sizes(config.data)
+    preflight.check_training_sizes(config.data, methods.needs_one_size(config))
     preflight.check_selection_is_not_eval(config.data)
     checkpoint.check_workdir(workdir)
     checkpoint.check_compatible(workdir, config)
@@ -156,7 +156,8 @@ def _close_after_error(saver: checkpoint.Saver, writer, stop: distributed.StopSi
 def _train_batches(config, programs: Programs, start: int) -> Iterator[dict]:
     from lsd_jax.data import pipeline
 
-    batches = pipeline.train_batches(config.data, programs.mesh, start_step=start)
+    batches = pipeline.train_batches(config.data, programs.mesh, start_step=start,
+                                     one_size=methods.needs_one_size(config))
     if programs.method.reads_target:
         return batches
     # A method that reads no target images: dropping them here keeps one pipeline for all.

@@ -102,6 +102,30 @@ def test_training_sizes_are_checked_up_front_naming_the_field(changes, message):
         preflight.check_training_sizes(data)
 
 
+@pytest.mark.parametrize("variant", ["adaptsegnet", "adda", "source_only"])
+def test_methods_without_g_take_each_domain_at_its_own_size(variant):
+    """Only LSD needs one size, a multiple of 32 (G's concatenations); the others pass each
+    domain through S alone, as the published 1280x720 source / 1024x512 target settings do."""
+    data = load_config_file("synthetic", variant).data
+    data.source.crop, data.target.crop = (720, 1280), (512, 1024)
+    preflight.check_training_sizes(data, one_size=False)
+    with pytest.raises(errors.ConfigError, match="height=720 must be a positive multiple of 32"):
+        preflight.check_training_sizes(data, one_size=True)
+
+
+@pytest.mark.slow
+def test_a_method_without_g_trains_on_two_sizes(tmp_path):
+    config = tiny_config(str(tmp_path / "tfds"), "adaptsegnet")
+    config.data.source.crop = (40, 72)  # neither a multiple of 32 nor the target's size
+    config.train.num_steps = 2
+    train.train_and_evaluate(config, str(tmp_path / "run"), programs=tiny_programs("adaptsegnet"))
+    assert checkpoint.saved_steps(str(tmp_path / "run")) == [2]
+    lsd = tiny_config(str(tmp_path / "tfds"))
+    lsd.data.source.crop = (40, 72)
+    with pytest.raises(errors.ConfigError, match=r"config.data.source.crop=\(40, 72\)"):
+        train.train_and_evaluate(lsd, str(tmp_path / "lsd"), programs=tiny_programs())
+
+
 def test_batch_sizes_must_divide_over_the_devices():
     config = load_config_file("synthetic")
     mesh = parallel.make_mesh(2)

@@ -267,16 +267,19 @@ def domain_stream(config, domain, domain_index: int, *, process_index: int, proc
 
 
 def make_train_dataset(config, *, process_index: int | None = None,
-                       process_count: int | None = None, start_step: int = 0
-                       ) -> tf.data.Dataset:
+                       process_count: int | None = None, start_step: int = 0,
+                       one_size: bool = True) -> tf.data.Dataset:
     """This process's endless stream of training batches (numpy-ready dicts, per-process batch).
 
     start_step: batches already consumed (when resuming); the stream continues from there.
+    one_size: both domains at one size, a multiple of 32 (LSD: `methods.needs_one_size`);
+    otherwise each domain has its own fixed size.
     """
     process_index, process_count = _process(process_index, process_count)
     src_size, tgt_size = output_size(config.source), output_size(config.target)
-    check_training_size(*src_size)
-    if src_size != tgt_size:
+    if one_size:
+        check_training_size(*src_size)
+    if one_size and src_size != tgt_size:
         raise ConfigError(f"source images are {src_size} but target images {tgt_size}; set "
                           "data.source.crop/resize and data.target.crop/resize to one size")
     streams = [domain_stream(config, d, i, process_index=process_index,
@@ -404,11 +407,11 @@ def device_views(batch: dict, keep_image01: bool = True) -> dict:
 
 
 def train_batches(config, mesh: Mesh, *, start_step: int = 0,
-                  process_index: int | None = None, process_count: int | None = None
-                  ) -> Iterator[dict]:
+                  process_index: int | None = None, process_count: int | None = None,
+                  one_size: bool = True) -> Iterator[dict]:
     """Endless global training batches for this process (see the module docstring)."""
     ds = make_train_dataset(config, start_step=start_step, process_index=process_index,
-                            process_count=process_count)
+                            process_count=process_count, one_size=one_size)
     for batch in ds.as_numpy_iterator():
         batch = global_batch(batch, mesh, config.data_axis)
         yield device_views(batch) if config.get("views_on_device", False) else batch

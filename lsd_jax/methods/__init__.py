@@ -12,6 +12,17 @@ BUILDERS = {"lsd": lsd.build, "source_only": source_only.build,
             "adversarial": adversarial.build}
 METHODS = tuple(BUILDERS)
 
+# LSD's G concatenates its upsampled features with F's pool4 and pool3, and D compares both
+# domains' reconstructions: its training images share one size, a multiple of 32. The other
+# methods pass each domain through S on its own, so each domain keeps its own size (the
+# published AdaptSegNet / ADVENT settings: 1280x720 source, 1024x512 target).
+ONE_SIZE_METHODS = ("lsd",)
+
+
+def needs_one_size(config) -> bool:
+    """Whether both domains' training images must have one size that is a multiple of 32."""
+    return config.method in ONE_SIZE_METHODS
+
 
 def build(config) -> Method:
     """The method `config.method` for this config; ValueError naming the field if a value is
@@ -20,5 +31,5 @@ def build(config) -> Method:
     return BUILDERS[config.method](config)
 
 
-__all__ = ["METHODS", "Method", "NetState", "States", "base", "build", "compile_method",
-           "run_iteration"]
+__all__ = ["METHODS", "ONE_SIZE_METHODS", "Method", "NetState", "States", "base", "build", "compile_method",
+           "needs_one_size", "run_iteration"]

@@ -209,7 +209,7 @@ def d_loss(parts: Parts, d_params, source_logits, target_logits) -> tuple[jax.Ar
 # ----------------------------------------------------------------------------- updates
 
 def check_batch(batch) -> None:
-    base.check_batch(batch, with_target=True, with_image01=False)
+    base.check_batch(batch, with_target=True, with_image01=False, one_size=False)
 
 
 def s_update(parts: Parts, s_state: NetState, d_params: dict, batch, key):

@@ -209,7 +209,7 @@ def d_loss(parts: Parts, d_params, source_view, target_view, key) -> tuple[jax.A
 # ----------------------------------------------------------------------------- updates
 
 def check_batch(batch) -> None:
-    base.check_batch(batch, with_target=True, with_image01=False)
+    base.check_batch(batch, with_target=True, with_image01=False, one_size=False)
 
 
 def f_update(parts: Parts, states, batch, key):

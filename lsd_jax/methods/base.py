@@ -316,9 +316,11 @@ def predictions(f: nn.Module, states: States, batch: Batch, domains: tuple[str, 
         for domain in domains}
 
 
-def check_batch(batch: Batch, with_target: bool = True, with_image01: bool = True) -> None:
+def check_batch(batch: Batch, with_target: bool = True, with_image01: bool = True,
+                one_size: bool = True) -> None:
     """Shapes and dtypes of a training batch, or an error that says what was expected.
-    image01 (the images in [0, 1]) is what G reconstructs and D sees in LSD."""
+    image01 (the images in [0, 1]) is what G reconstructs and D sees in LSD; one_size: the
+    images are multiples of 32 (LSD, see `lsd_jax.methods.needs_one_size`)."""
     domains = ("source", "target") if with_target else ("source",)
     keys = [f"{d}_image" for d in domains] + ["source_label"]
     keys += [f"{d}_image01" for d in domains] if with_image01 else []
@@ -328,7 +330,8 @@ def check_batch(batch: Batch, with_target: bool = True, with_image01: bool = Tru
     for d in domains:
         image = batch[f"{d}_image"]
         check_image(image, f"batch['{d}_image']")
-        check_training_size(*image.shape[1:3])
+        if one_size:
+            check_training_size(*image.shape[1:3])
         if with_image01 and batch[f"{d}_image01"].shape != image.shape:
             raise ValueError(f"batch['{d}_image01']: expected shape {tuple(image.shape)} like "
                              f"batch['{d}_image'], got {tuple(batch[f'{d}_image01'].shape)}")

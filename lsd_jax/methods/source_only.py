@@ -17,7 +17,7 @@ def source_only_loss(f, reduction, variables, batch, key):
 
 
 def f_update(f, tx, reduction, f_state, batch, key):
-    base.check_batch(batch, with_target=False, with_image01=False)
+    base.check_batch(batch, with_target=False, with_image01=False, one_size=False)
     key = base.f_dropout_key(key, "source")
     grads, (metrics, statistics) = jax.grad(
         lambda p: source_only_loss(f, reduction, f_state.variables(p), batch, key),
