@@ -105,6 +105,32 @@ def use_adapted_source(config: ml_collections.ConfigDict) -> ml_collections.Conf
     return config
 
 
+# The variants the published DeepLab-v2 settings (configs/gta_deeplab.py, synthia_deeplab.py)
+# offer. LSD's G needs FCN-8s's features. The baselines are left out until source-only can
+# train with the references' SGD and poly schedule (today it uses LSD's Adam, `config.optim`).
+DEEPLAB_VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent")
+
+
+def use_published_deeplab_setting(config: ml_collections.ConfigDict, variant: str,
+                                  source_size: tuple[int, int],
+                                  advent_steps: int) -> ml_collections.ConfigDict:
+    """AdaptSegNet's and ADVENT's published setting (docs/methods.md sections 8-9): DeepLab-v2
+    ResNet-101 (four-branch ASPP, BatchNorm statistics of both domains in train mode), whole
+    source images at `source_size` (H, W) without flips, whole 1024x512 Cityscapes targets,
+    batch 1 + 1, the method's SGD / Adam and poly schedule, its reference iteration count."""
+    if variant not in DEEPLAB_VARIANTS:
+        raise ValueError(f"config argument {variant!r}: expected one of {DEEPLAB_VARIANTS} "
+                         "(LSD's G needs the FCN-8s backbone: configs/gta.py, synthia.py)")
+    config.model.backbone = "deeplabv2_resnet101"
+    data = config.data
+    data.batch_size = 1
+    data.source.resize = tuple(source_size)
+    data.source.crop = None
+    use_cityscapes_target(config)
+    config.train.eval_every = 5000
+    return use_reference_iterations(apply_variant(config, variant), advent_steps)
+
+
 def use_reference_iterations(config: ml_collections.ConfigDict,
                              advent_steps: int) -> ml_collections.ConfigDict:
     """The output-space methods' iteration counts in their references: AdaptSegNet 150k,
@@ -263,6 +289,7 @@ def get_config() -> ml_collections.ConfigDict:
         weights=placeholder(str),
         resnet_blocks=(3, 4, 6, 3),
         width=1.0,              # channel multiplier (random features and tests only)
+        start="noise",          # "noise" (the paper: white noise) or "source" (the image)
         seed=0,                 # the starting noise, and the random network's weights
     ))
 

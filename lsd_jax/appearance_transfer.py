@@ -35,6 +35,10 @@ Where this reading of the paper is a choice (say so to users, docs/methods.md se
   the paper's 1e-14.
 - The content and style weights w_s^l, w_t^l are not given in the paper: 1 each by default.
 - The result is clipped to 0-255 only when written.
+- `config.aan.start="source"` starts from the source image instead of white noise (a common
+  variant of style transfer): features that cannot be inverted, such as a random network's,
+  then still keep the scene. From noise, a random width-1/4 ResNet-50 leaves the images noise
+  after 1,000 steps (its conv1 has 16 channels after a ReLU: far from invertible).
 
 Without `config.aan.weights` the feature network is a ResNet-50 with fixed random He-normal
 weights (seed config.aan.seed): random convolutional features still carry colour and texture
@@ -65,6 +69,8 @@ RECORD = "aan.json"
 GRAMS = "target_grams.npz"
 LOSSES = "losses.jsonl"
 FILE_FORMAT = "lsd_jax.appearance_adapted"
+# Where the optimisation starts: white noise (the paper), or the source image itself.
+STARTS = ("noise", "source")
 
 
 class AppearanceTransferError(ValueError):
@@ -98,6 +104,8 @@ def objective_from_config(aan) -> Objective:
             raise AppearanceTransferError(f"config.aan.{field}={aan[field]}: expected > 0")
     if aan.iterations < 1:
         raise AppearanceTransferError(f"config.aan.iterations={aan.iterations}: expected >= 1")
+    if aan.start not in STARTS:
+        raise AppearanceTransferError(f"config.aan.start={aan.start!r}: expected one of {STARTS}")
     return Objective(layers, tuple(float(v) for v in aan.content_weights),
                      tuple(float(v) for v in aan.style_weights), float(aan.alpha),
                      int(aan.iterations), float(aan.step_size))
@@ -232,6 +240,7 @@ def _settings_record(config, source_builder, target_builder, class_set: str,
                    "max_images": aan.max_target_images},
         "objective": objective_from_config(aan)._asdict(),
         "feature_network": network,
+        "start": aan.start,
         "seed": aan.seed,
     }))
 
@@ -452,7 +461,8 @@ def write_adapted_copy(config, output: str, max_images: int | None = None,
     for batch in _equal_size_batches(todo(), aan.batch_size, lambda item: item[1].shape):
         names = [name for name, _, _ in batch]
         content = caffe_from_rgb(jnp.asarray(np.stack([image for _, image, _ in batch])))
-        start = jnp.stack([white_noise(aan.seed, name, content.shape[1:3]) for name in names])
+        start = content if aan.start == "source" else jnp.stack(
+            [white_noise(aan.seed, name, content.shape[1:3]) for name in names])
         images, before, after = adapt(apply_fn, variables, content, start, grams, objective)
         images = np.asarray(images)
         lines = []

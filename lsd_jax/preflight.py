@@ -47,6 +47,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.eval.confusion_method not in evaluate.CONFUSION_METHODS:
         raise ConfigError(f"config.eval.confusion_method={config.eval.confusion_method!r}: "
                           f"expected one of {evaluate.CONFUSION_METHODS}")
+    check_keras_weights_backbone(config)
     f_sources = [f"init.{name}" for name in ("torch_f", "f_workdir") if config.init[name]]
     if len(f_sources) > 1:
         raise ConfigError(f"config.{f_sources[0]} and config.{f_sources[1]} both give F's "
@@ -58,6 +59,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if config.init[name] and name[-1] not in method.networks:
             raise ConfigError(f"config.init.{name} is set but config.method={config.method!r} "
                               f"has no {name[-1].upper()}")
+
+
+# The backbones each Keras ImageNet weights field of config.init fits.
+KERAS_WEIGHTS_BACKBONES = {"vgg16_weights": ("fcn8s_vgg16", "deeplabv2_vgg16"),
+                           "resnet_weights": ("deeplabv2_resnet101",)}
+
+
+def check_keras_weights_backbone(config) -> None:
+    """config.init's ImageNet weights fit config.model.backbone."""
+    backbone = config.model.backbone
+    for field, backbones in KERAS_WEIGHTS_BACKBONES.items():
+        if config.init[field] and backbone not in backbones:
+            raise ConfigError(f"config.init.{field}={config.init[field]!r} holds weights for "
+                              f"the backbones {backbones}, but config.model.backbone="
+                              f"{backbone!r}")
 
 
 def check_training_sizes(data, one_size: bool = True) -> None:

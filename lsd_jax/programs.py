@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from lsd_jax import checkpoint, methods, parallel
+from lsd_jax import checkpoint, methods, parallel, preflight
 from lsd_jax.errors import ConfigError
 
 
@@ -67,15 +67,22 @@ def _import_weights(config, method: methods.Method,
     from lsd_jax import weights
 
     init = config.init
+    backbone = config.model.backbone
+    preflight.check_keras_weights_backbone(config)
     f = states["f"]
     f_vars = f.variables()
-    backbone = config.model.backbone
-    if init.vgg16_weights and backbone != "fcn8s_vgg16":
-        raise ConfigError(f"config.init.vgg16_weights holds weights for FCN-8s's VGG16, but "
-                          f"config.model.backbone={backbone!r}")
-    if init.vgg16_weights:
+    if init.vgg16_weights and backbone == "fcn8s_vgg16":
         f_vars = weights.import_keras_vgg16(init.vgg16_weights, f_vars)
         logging.info("F's backbone: ImageNet VGG16 weights from %s", init.vgg16_weights)
+    elif init.vgg16_weights:  # LargeFOV: the convolutions; its dilated fc6/fc7 fit no VGG16 top
+        f_vars = weights.import_keras_vgg16(init.vgg16_weights, f_vars, fully_connected=False)
+        logging.info("F's backbone: ImageNet VGG16 weights from %s for conv1_1-conv5_3; fc6 "
+                     "and fc7 keep this run's initialisation", init.vgg16_weights)
+    if init.resnet_weights:
+        f_vars = weights.import_keras_resnet(init.resnet_weights, f_vars)
+        logging.info("F's backbone: ImageNet ResNet weights from %s (conv1-layer4, BatchNorm "
+                     "statistics included); the classifiers keep this run's initialisation",
+                     init.resnet_weights)
     if init.torch_f and backbone == "fcn8s_vgg16":
         f_vars = weights.import_torch_fcn8s(init.torch_f, f_vars)
         logging.info("F: PyTorch LSD-seg weights from %s", init.torch_f)

@@ -1,4 +1,5 @@
-"""Importers for pretrained weights: ImageNet VGG16 from Keras, LSD-seg F/G/D from PyTorch.
+"""Importers for pretrained weights: ImageNet VGG16 and ResNet from Keras, LSD-seg F/G/D and
+the DeepLab-v2 networks from PyTorch.
 
 Every importer takes the variables of one of our networks (from `model.init`, or shapes only
 from `jax.eval_shape(model.init, ...)` when every variable gets replaced) and returns a new tree
@@ -13,7 +14,14 @@ Keras VGG16 (`import_keras_vgg16`) reads, with h5py alone, every file layout Ker
     `vgg16_weights_tf_dim_ordering_tf_kernels(_notop).h5`).
 Keras' VGG16 weights expect the same Caffe input as F (BGR, 0-255, mean subtracted; Keras'
 mean differs from ours by less than 0.1 grey level), so they are copied without any change of
-channel order.
+channel order. The same convolutions start DeepLab-v2 VGG16 LargeFOV
+(`import_keras_vgg16(..., fully_connected=False)`), whose dilated 3x3 fc6/fc7 no VGG16 top fits.
+
+Keras ResNet-50/101 (`import_keras_resnet`), from the same file layouts, fills the ImageNet
+ResNet of `models.resnet` and the backbone of DeepLab-v2 ResNet (`models.deeplab`): both
+naming schemes Keras has used (keras.applications' `conv2_block1_1_conv` and the older
+keras-applications ResNet50's `res2a_branch2a`), each conv's bias and Keras' BatchNorm epsilon
+folded exactly into the BatchNorm statistics, since our convolutions have no bias.
 
 PyTorch LSD-seg state_dicts (`import_torch_fcn8s`, `import_torch_generator`,
 `import_torch_discriminator`) use the reference parameter names of docs/methods.md, section 2.
@@ -28,7 +36,7 @@ import logging
 import os
 import re
 import zipfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import jax.numpy as jnp
@@ -36,7 +44,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze
 
-from lsd_jax.models.deeplab import ASPP_DILATIONS, LARGEFOV_BLOCKS, RESNET101_BLOCKS
+from lsd_jax.models.deeplab import (ASPP_DILATIONS, LARGEFOV_BLOCKS, RESNET101_BLOCKS,
+                                    TorchBatchNorm)
 from lsd_jax.models.vgg_fcn import VGG_BLOCKS
 
 logger = logging.getLogger(__name__)
@@ -181,14 +190,15 @@ def _read_keras_h5(f: h5py.File, source: str,
         f"top-level entries: {sorted(f)})")
 
 
-def _read_keras_archive(path: str) -> dict[str, list[np.ndarray]]:
-    """A Keras 3 `.keras` zip: its config names the layers, `model.weights.h5` holds the arrays."""
+def _read_keras_archive(path: str,
+                        layer_order: Sequence[tuple[str, str]]) -> dict[str, list[np.ndarray]]:
+    """A Keras 3 `.keras` zip: its config names the layers, `model.weights.h5` holds the arrays.
+    `layer_order` names them when the config is missing."""
     with zipfile.ZipFile(path) as archive:
         members = archive.namelist()
         if "model.weights.h5" not in members:
             raise WeightImportError(f"{path}: a zip file without model.weights.h5 (entries: "
                                     f"{members}); not a Keras 3 .keras file")
-        layer_order = VGG16_KERAS_WEIGHTED_LAYERS
         if "config.json" in members:
             config = json.loads(archive.read("config.json"))
             layers = config.get("config", {}).get("layers", [])
@@ -198,18 +208,25 @@ def _read_keras_archive(path: str) -> dict[str, list[np.ndarray]]:
         return _read_keras_h5(f, f"{path}:model.weights.h5", layer_order)
 
 
-def read_keras_weights(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+def read_keras_weights(path: str | os.PathLike,
+                       layer_order: Sequence[tuple[str, str]] = VGG16_KERAS_WEIGHTED_LAYERS
+                       ) -> dict[str, list[np.ndarray]]:
     """Every weighted layer of a Keras weights file: layer name -> its arrays, in Keras' order
-    (kernel, then bias). Reads the Keras 3 and legacy HDF5 layouts and `.keras` archives."""
+    (kernel, then bias; BatchNorm's gamma, beta, moving mean, moving variance). Reads the
+    Keras 3 and legacy HDF5 layouts and `.keras` archives.
+
+    `layer_order`: the (class, name) of the model's layers in model order, which names the
+    groups of a Keras 3 file that does not record its layer names (VGG16's by default;
+    `resnet_keras_layer_order` for a ResNet). Other layouts record the names and ignore it."""
     path = os.fspath(path)
     if zipfile.is_zipfile(path):
-        return _read_keras_archive(path)
+        return _read_keras_archive(path, layer_order)
     try:
         f = h5py.File(path, "r")
     except OSError as error:
         raise WeightImportError(f"{path}: cannot be read as HDF5 ({error})") from error
     with f:
-        return _read_keras_h5(f, path, VGG16_KERAS_WEIGHTED_LAYERS)
+        return _read_keras_h5(f, path, layer_order)
 
 
 def _kernel_and_bias(layers: Mapping[str, list[np.ndarray]], layer: str,
@@ -239,13 +256,20 @@ def _dense_as_conv(kernel: np.ndarray, size: int, layer: str, source: str) -> np
     return kernel.reshape(size, size, rows // (size * size), out)
 
 
-def import_keras_vgg16(path: str | os.PathLike, variables: Variables) -> Variables:
+def import_keras_vgg16(path: str | os.PathLike, variables: Variables,
+                       fully_connected: bool = True) -> Variables:
     """F's variables with ImageNet VGG16 weights from a Keras file copied into the backbone.
 
     Copies block{b}_conv{i} into conv{b}_{i}; when the file has the top (fc1, fc2), reshapes
     them into fc6 (7x7x512x4096) and fc7 (1x1x4096x4096), otherwise leaves fc6 and fc7 as they
     are and says so in the log. The score layers and the frozen upsampling kernels are never
     touched. `variables` is F's tree ({'params': ..., 'frozen': ...}) at width 1.0.
+
+    `fully_connected=False` copies the convolutions only: fc1 and fc2 are not read and fc6/fc7
+    keep their initialisation (logged). That is DeepLab-v2 VGG16 LargeFOV's import
+    (`models.deeplab.DeepLabV2VGG16`, same conv names): its fc6/fc7 are dilated 3x3
+    convolutions to 1,024 channels that no ImageNet VGG16 top fits, and the AdaptSegNet code
+    initialises them randomly too.
 
     Files written with `image_data_format="channels_first"` (Theano-era `th_dim_ordering`) order
     fc1's rows differently and are not supported; every file Keras distributes for TensorFlow is
@@ -262,7 +286,7 @@ def import_keras_vgg16(path: str | os.PathLike, variables: Variables) -> Variabl
         updates[("params", ours, "bias")] = (bias, keras_name)
 
     present = [keras_name for keras_name, _, _ in VGG16_KERAS_FULLY_CONNECTED
-               if keras_name in layers]
+               if keras_name in layers] if fully_connected else []
     if present and len(present) != len(VGG16_KERAS_FULLY_CONNECTED):
         raise WeightImportError(f"{source}: has {present} but not all of fc1 and fc2; a VGG16 "
                                 "top has both")
@@ -271,7 +295,10 @@ def import_keras_vgg16(path: str | os.PathLike, variables: Variables) -> Variabl
         updates[("params", ours, "kernel")] = (_dense_as_conv(kernel, size, keras_name, source),
                                                keras_name)
         updates[("params", ours, "bias")] = (bias, keras_name)
-    if not present:
+    if not fully_connected:
+        logger.info("%s: VGG16's convolutions only (fully_connected=False); fc6 and fc7 keep "
+                    "their initialisation", source)
+    elif not present:
         logger.warning("%s has no fc1/fc2 (a VGG16 without its top): fc6 and fc7 keep their "
                        "initialisation", source)
 
@@ -280,13 +307,255 @@ def import_keras_vgg16(path: str | os.PathLike, variables: Variables) -> Variabl
         if path_ not in flat:
             raise WeightImportError(f"importing {source}: the variables have no "
                                     f"{_path_str(path_)}; pass F's variables "
-                                    "({'params': ..., 'frozen': ...})")
+                                    "({'params': ..., 'frozen': ...}) or DeepLab-v2 VGG16's")
         if array.shape != flat[path_].shape:
             raise WeightImportError(
                 f"{source}: layer '{keras_name}' has shape {array.shape} where F's "
                 f"{_path_str(path_[1:])} is {tuple(flat[path_].shape)}; ImageNet VGG16 weights "
                 "fit F built with width=1.0")
         new[path_] = _as_leaf(array, flat[path_])
+    return _rebuild_like(variables, new)
+
+
+# ------------------------------------------------------------------------------------------------
+# Keras ResNet
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KerasResNetNames:
+    """A naming scheme of Keras' ResNets: the (conv, BatchNorm) layer names of the stem and of
+    each branch of block j (from 0) of our stage s (1-4; Keras' and Caffe's stage s + 1), and
+    the BatchNorm epsilon of the networks named so."""
+
+    description: str
+    epsilon: float
+    stem: tuple[str, str]
+    # (stage, j, branch) -> (conv, bn); branch is 1, 2, 3 (the residual's convs) or 0 (the
+    # projection shortcut).
+    block: Callable[[int, int, int], tuple[str, str]]
+
+
+def _applications_block(stage: int, j: int, branch: int) -> tuple[str, str]:
+    name = f"conv{stage + 1}_block{j + 1}_{branch}"
+    return f"{name}_conv", f"{name}_bn"
+
+
+BLOCK_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _letters_block(stage: int, j: int, branch: int) -> tuple[str, str]:
+    if j >= len(BLOCK_LETTERS):
+        raise WeightImportError(f"the res2a_branch2a naming has letters for {len(BLOCK_LETTERS)} "
+                                f"blocks a stage; stage {stage + 1} has more")
+    name = f"{stage + 1}{BLOCK_LETTERS[j]}_branch{'1' if branch == 0 else '2' + 'abc'[branch - 1]}"
+    return f"res{name}", f"bn{name}"
+
+
+# keras.applications' ResNet50/101/152 (Keras 2.3+, tf.keras, Keras 3): conv1_conv, conv1_bn,
+# conv{2-5}_block{1-}_{0-3}_conv/_bn, BatchNormalization(epsilon=1.001e-5).
+KERAS_APPLICATIONS_NAMES = KerasResNetNames(
+    "keras.applications' conv2_block1_1_conv", 1.001e-5, ("conv1_conv", "conv1_bn"),
+    _applications_block)
+# The older keras-applications ResNet50 (Keras <= 2.2, the files
+# resnet50_weights_tf_dim_ordering_tf_kernels(_notop).h5), Caffe's names: conv1, bn_conv1,
+# res2a_branch2a / bn2a_branch2a, the shortcut res2a_branch1; Keras' default epsilon 1e-3.
+KERAS_LETTER_NAMES = KerasResNetNames(
+    "keras-applications ResNet50's res2a_branch2a", 1e-3, ("conv1", "bn_conv1"),
+    _letters_block)
+
+# Our BatchNorm's epsilon (TorchBatchNorm, PyTorch's).
+OUR_BN_EPSILON = TorchBatchNorm.epsilon
+
+# Our module names of a bottleneck's (conv, BN) pairs, by branch as above.
+OUR_BRANCHES = {1: ("conv1", "bn1"), 2: ("conv2", "bn2"), 3: ("conv3", "bn3"),
+                0: ("downsample_conv", "downsample_bn")}
+
+# Keras' order of a block's branches in its model: a functional model lists its layers by
+# depth, and the shortcut conv/BN sit as deep as the third conv/BN, before them (Add takes
+# [shortcut, x]): _1_conv, _1_bn, _2_conv, _2_bn, _0_conv, _3_conv, _0_bn, _3_bn.
+KERAS_BLOCK_ORDER = ((1, "conv"), (1, "bn"), (2, "conv"), (2, "bn"), (0, "conv"), (3, "conv"),
+                     (0, "bn"), (3, "bn"))
+
+
+def _resnet_depth(blocks: Sequence[int]) -> int:
+    return 3 * sum(blocks) + 2
+
+
+def _resnet_layers(names: KerasResNetNames, blocks: Sequence[int],
+                   projections: set[tuple[int, int]]) -> list[tuple[str, str, str, str]]:
+    """(our conv, our BN, Keras conv, Keras BN) module names of a ResNet with `blocks` blocks
+    per stage and a projection shortcut in the blocks (stage, j) of `projections`."""
+    layers = [("conv1", "bn1", *names.stem)]
+    for stage, count in enumerate(blocks, 1):
+        for j in range(count):
+            for branch in (1, 2, 0, 3) if (stage, j) in projections else (1, 2, 3):
+                conv, bn = OUR_BRANCHES[branch]
+                layers.append((f"layer{stage}_{j}/{conv}", f"layer{stage}_{j}/{bn}",
+                               *names.block(stage, j, branch)))
+    return layers
+
+
+def resnet_keras_layer_order(blocks: Sequence[int],
+                             projections: set[tuple[int, int]] | None = None
+                             ) -> tuple[tuple[str, str], ...]:
+    """(class, name) of the weighted layers of keras.applications' ResNet with `blocks` blocks
+    per stage, in the model's order: what names the groups of a Keras 3 `.weights.h5` that does
+    not record its layer names. `projections` (stage 1-4, block from 0): the blocks with a
+    shortcut conv, by default each stage's first."""
+    if projections is None:
+        projections = {(stage, 0) for stage in range(1, len(blocks) + 1)}
+    order = [("Conv2D", "conv1_conv"), ("BatchNormalization", "conv1_bn")]
+    for stage, count in enumerate(blocks, 1):
+        for j in range(count):
+            for branch, kind in KERAS_BLOCK_ORDER:
+                if branch or (stage, j) in projections:
+                    conv, bn = _applications_block(stage, j, branch)
+                    order.append(("Conv2D", conv) if kind == "conv"
+                                 else ("BatchNormalization", bn))
+    return tuple(order) + (("Dense", "predictions"),)
+
+
+def _keras_resnet_names(layers: Mapping[str, list[np.ndarray]], source: str) -> KerasResNetNames:
+    """The naming scheme of a file's layers."""
+    if "conv1_conv" in layers or any(re.fullmatch(r"conv\d_block\d+_\d_(conv|bn)", name)
+                                     for name in layers):
+        return KERAS_APPLICATIONS_NAMES
+    if "bn_conv1" in layers or any(re.fullmatch(r"(res|bn)\d[a-z]+_branch(1|2[abc])", name)
+                                   for name in layers):
+        return KERAS_LETTER_NAMES
+    names = sorted(layers)
+    raise WeightImportError(
+        f"{source}: not a Keras ResNet: no layer conv1_conv (keras.applications' names) or "
+        f"bn_conv1 (keras-applications ResNet50's); its layers with weights are "
+        f"{names[:12]}{' ...' if len(names) > 12 else ''}")
+
+
+def _resnet_tree_blocks(flat: Mapping[Path, Any], source: str) -> tuple[int, ...]:
+    """The blocks per stage of the ResNet whose variables `flat` holds."""
+    modules = {path[1] for path in flat if path[0] == "params" and len(path) > 2}
+    blocks = []
+    for stage in range(1, 5):
+        count = 0
+        while f"layer{stage}_{count}" in modules:
+            count += 1
+        blocks.append(count)
+    if "conv1" not in modules or not all(blocks):
+        raise WeightImportError(
+            f"importing {source}: the variables are not a ResNet's (expected 'params' with "
+            "conv1 and layer1_0 ... layer4_0, as ImageNetResNet and DeepLabV2ResNet have; "
+            f"found {sorted(modules)[:12]})")
+    return tuple(blocks)
+
+
+def _conv_arrays(layers: Mapping[str, list[np.ndarray]], name: str,
+                 source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A Keras Conv2D's kernel (kh, kw, in, out), flax's HWIO, and its bias (None without)."""
+    arrays = layers[name]
+    kernels = [a for a in arrays if a.ndim == 4]
+    biases = [a for a in arrays if a.ndim == 1]
+    if len(kernels) != 1 or len(biases) > 1 or len(arrays) != len(kernels) + len(biases):
+        raise WeightImportError(f"{source}: layer '{name}' should hold a conv kernel and a "
+                                f"bias, found arrays shaped {[a.shape for a in arrays]}")
+    if biases and biases[0].shape != kernels[0].shape[-1:]:
+        raise WeightImportError(f"{source}: layer '{name}' has a bias of shape {biases[0].shape} "
+                                f"for a kernel of shape {kernels[0].shape}")
+    return kernels[0], biases[0] if biases else None
+
+
+def _batch_norm_arrays(layers: Mapping[str, list[np.ndarray]], name: str, channels: int,
+                       source: str) -> list[np.ndarray]:
+    """A Keras BatchNormalization's gamma, beta, moving_mean, moving_variance (their order in
+    every Keras layout: trainable weights, then the statistics)."""
+    arrays = layers[name]
+    if len(arrays) != 4 or any(a.shape != (channels,) for a in arrays):
+        raise WeightImportError(
+            f"{source}: layer '{name}' should hold BatchNorm's gamma, beta, moving mean and "
+            f"moving variance for the {channels} channels of its conv, found arrays shaped "
+            f"{[a.shape for a in arrays]}")
+    return arrays
+
+
+def import_keras_resnet(path: str | os.PathLike, variables: Variables) -> Variables:
+    """A ResNet's variables with ImageNet weights from a Keras ResNet50/101 file.
+
+    `variables`: those of `models.resnet.ImageNetResNet` or `models.deeplab.DeepLabV2ResNet`
+    ({"params", "frozen", "batch_stats"}, arrays or shapes) at width 1.0; the blocks per stage
+    are read from them and the file must have exactly as many (ResNet-50: 3, 4, 6, 3;
+    ResNet-101: 3, 4, 23, 3). DeepLab's classifiers are not touched. Reads every layout
+    `read_keras_weights` does, and both naming schemes (KERAS_APPLICATIONS_NAMES,
+    KERAS_LETTER_NAMES), told apart by the file's layer names; other layers of the file (the
+    top, fc1000 or predictions) are ignored.
+
+    Each conv kernel is copied as it is (Keras' (kh, kw, in, out) is flax's HWIO, and the
+    networks take the same Caffe input); each conv's bias and Keras' BatchNorm epsilon go into
+    the BatchNorm after it: mean = moving_mean - bias, var = moving_variance + (epsilon -
+    1e-5), scale = gamma, bias = beta.
+    """
+    source = os.fspath(path)
+    flat = _flatten(variables)
+    blocks = _resnet_tree_blocks(flat, source)
+    projections = {(stage, j) for stage, count in enumerate(blocks, 1) for j in range(count)
+                   if ("params", f"layer{stage}_{j}", "downsample_conv", "kernel") in flat}
+    layers = read_keras_weights(source, resnet_keras_layer_order(blocks, projections))
+    names = _keras_resnet_names(layers, source)
+    ours = _resnet_layers(names, blocks, projections)
+
+    # Every ResNet's file has conv1, three convs a block and one shortcut conv a stage, so the
+    # number of convolutions gives its depth (that of a Keras 3 file without recorded names
+    # too, whose groups are named in the order of `blocks`).
+    convolutions = sum(1 for arrays in layers.values() if any(a.ndim == 4 for a in arrays))
+    missing = [keras for _, _, conv, bn in ours for keras in (conv, bn) if keras not in layers]
+    if missing or convolutions != len(ours):
+        wanted = f"ResNet-{_resnet_depth(blocks)} (blocks {blocks})"
+        problems = []
+        if missing:
+            problems.append(f"no layer '{missing[0]}' in the file ({len(missing)} of the "
+                            f"{2 * len(ours)} layers it needs missing, {names.description} "
+                            "names)")
+        if convolutions != len(ours):
+            problems.append(f"the file has {convolutions} convolutions where {wanted} has "
+                            f"{len(ours)}: it appears to be a ResNet-{convolutions - 3}; import "
+                            "it into a network built with its blocks")
+        raise WeightImportError(f"{source} does not fit the variables' {wanted}: "
+                                + "; ".join(problems))
+
+    updates: dict[Path, tuple[np.ndarray, str]] = {}
+    for our_conv, our_bn, keras_conv, keras_bn in ours:
+        kernel, bias = _conv_arrays(layers, keras_conv, source)
+        gamma, beta, moving_mean, moving_variance = (
+            np.asarray(a, np.float64)
+            for a in _batch_norm_arrays(layers, keras_bn, kernel.shape[-1], source))
+        # Keras: y = gamma * (conv(x) + b - moving_mean) / sqrt(moving_variance + eps) + beta;
+        # ours, without the bias: y = scale * (conv(x) - mean) / sqrt(var + 1e-5) + bias. The
+        # two are the same function when mean = moving_mean - b and var = moving_variance +
+        # (eps - 1e-5): exact, no approximation, in inference. In DeepLab's training mode
+        # (batch statistics) a per-channel constant added before BatchNorm shifts the batch
+        # mean by as much and cancels, so the missing bias changes nothing there either.
+        shift = 0.0 if bias is None else np.asarray(bias, np.float64)
+        conv_path, bn_path = tuple(our_conv.split("/")), tuple(our_bn.split("/"))
+        updates[("params", *conv_path, "kernel")] = (kernel, keras_conv)
+        updates[("frozen", *bn_path, "scale")] = (gamma, keras_bn)
+        updates[("frozen", *bn_path, "bias")] = (beta, keras_bn)
+        updates[("batch_stats", *bn_path, "mean")] = (moving_mean - shift, keras_bn)
+        updates[("batch_stats", *bn_path, "var")] = (
+            moving_variance + (names.epsilon - OUR_BN_EPSILON), keras_bn)
+
+    new = dict(flat)
+    for path_, (array, keras_name) in updates.items():
+        if path_ not in flat:
+            raise WeightImportError(
+                f"importing {source}: the variables have no {_path_str(path_)}; pass a "
+                "ResNet's variables ({'params', 'frozen', 'batch_stats'}) of ImageNetResNet or "
+                "DeepLabV2ResNet")
+        if array.shape != flat[path_].shape:
+            raise WeightImportError(
+                f"{source}: layer '{keras_name}' has shape {array.shape} where the network's "
+                f"{_path_str(path_)} is {tuple(flat[path_].shape)}; ImageNet ResNet weights "
+                "fit the network built with width=1.0")
+        new[path_] = _as_leaf(array, flat[path_])
+    logger.info("%s: Keras ResNet-%d weights (%s names, BatchNorm epsilon %g folded with the "
+                "conv biases into the statistics)", source, _resnet_depth(blocks),
+                names.description, names.epsilon)
     return _rebuild_like(variables, new)
 
 

@@ -122,7 +122,8 @@ def test_settings_are_checked():
     for field, value, message in (("layers", ("conv1", "pool5"), "config.aan.layers"),
                                   ("content_weights", (1.0,), "config.aan.content_weights"),
                                   ("alpha", 0.0, "config.aan.alpha"),
-                                  ("iterations", 0, "config.aan.iterations")):
+                                  ("iterations", 0, "config.aan.iterations"),
+                                  ("start", "mean", "config.aan.start")):
         bad = load_sibling("configs/default.py").get_config()
         bad.aan[field] = value
         with pytest.raises(aan.AppearanceTransferError, match=message):

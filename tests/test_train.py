@@ -254,6 +254,28 @@ def test_every_config_and_variant_is_valid(name, variant):
         config.optim.f_llr = 1.0  # locked: a misspelled field is an error
 
 
+@pytest.mark.parametrize("name", ["gta_deeplab", "synthia_deeplab"])
+@pytest.mark.parametrize("variant", ["adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls",
+                                     "advent", "minent"])
+def test_the_published_deeplab_settings_are_valid(name, variant):
+    config = load_config_file(name, variant)
+    preflight.check_config(config)
+    preflight.check_selection_is_not_eval(config.data)
+    preflight.check_training_sizes(config.data, one_size=False)
+    source_size = (720, 1280) if name == "gta_deeplab" else (760, 1280)
+    assert config.data.source.resize == source_size and config.data.source.crop is None
+    assert config.data.target.crop == (512, 1024) and not config.data.source.flip
+    assert (config.model.backbone, config.data.batch_size) == ("deeplabv2_resnet101", 1)
+    expected_steps = {"adaptsegnet": 150_000,
+                      "advent": 120_000 if name == "gta_deeplab" else 90_000}[config.method]
+    assert config.train.num_steps == expected_steps
+
+
+def test_the_published_deeplab_settings_refuse_lsd():
+    with pytest.raises(ValueError, match="LSD's G needs the FCN-8s backbone"):
+        load_config_file("gta_deeplab", "lsd")
+
+
 def test_the_oracle_trains_on_the_target_as_later_overrides_leave_it():
     """target_only's training set follows data.target when it is changed after the config
     file's get_config (as --config.data.target.* flags do); the source's flip stays."""
