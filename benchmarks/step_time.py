@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Time one LSD training iteration of lsd_jax, and the PyTorch peer beside it.
+"""Time one training iteration of lsd_jax (LSD, or any method and backbone), and the PyTorch
+LSD peer beside it.
 
 For every combination of the chosen update modes (alternating / simultaneous) and compilations
 (composed: the whole iteration as one XLA program; separate: three compiled updates), prints a
@@ -19,7 +20,15 @@ XLA shares between updates. Needs no tensorflow: the batch is random in-memory a
 
 Per iteration: --batch source and --batch target images (the paper: 1 + 1), so images/s counts
 2 x batch per iteration, as the peer does. --peer runs ../shared/peer/torch_lsd_step.py (or
---peer-script) once per update mode, at the same size, in the same run.
+--peer-script) once per update mode, at the same size, in the same run (LSD only).
+
+Other methods: --variant names one of configs/default.py's variants (adaptsegnet_multi, advent,
+adda, fcan_ran, source_only, ...), --backbone one of config.model.backbone's values, and
+--source-height/--source-width give the source its own size where the method allows it (the
+published AdaptSegNet / ADVENT settings: 720x1280 source, 512x1024 target):
+
+    python benchmarks/step_time.py --variant advent --backbone deeplabv2_resnet101 \
+        --source-height 720 --source-width 1280 --height 512 --width 1024 --modes simultaneous
 """
 import argparse
 import collections
@@ -75,14 +84,16 @@ def peak_flops(device, dtype: str, precision: str):
     return None
 
 
-def make_batch(batch, height, width, classes, seed=0):
-    """Random in-memory images and labels, preprocessed as the pipeline does."""
+def make_batch(batch, sizes, classes, seed=0):
+    """Random in-memory images and labels, preprocessed as the pipeline does; sizes = {domain:
+    (height, width)}."""
     rng = np.random.default_rng(seed)
     out = {}
-    for domain in ("source", "target"):
+    for domain, (height, width) in sizes.items():
         x01 = rng.random((batch, height, width, 3), np.float32)
         out[f"{domain}_image01"] = x01
         out[f"{domain}_image"] = x01 * 255.0 - np.asarray(VGG_MEAN_BGR, np.float32)
+    height, width = sizes["source"]
     out["source_label"] = rng.integers(0, classes, (batch, height, width), dtype=np.int32)
     return out
 
@@ -158,7 +169,8 @@ def bench_one(config, mesh, mode, updates_kind, states0, batch, args):
                images_per_s=2 * args.batch / med, tflops_per_s=traced_flops / med / 1e12,
                mfu=None if peak is None else traced_flops / med / (peak * mesh.size),
                peak_mem_gib=None if mem is None else mem / 2**30,
-               losses=[float(metrics[f"{n}/loss"]) for n in "dgf"])
+               losses={name: float(value) for name, value in metrics.items()
+                       if name.endswith("/loss")})
     if args.profile_top:
         k = jax.random.fold_in(key, args.warmup + args.iters)
         try:
@@ -251,8 +263,15 @@ def fmt(v, spec):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--height", type=int, default=128)
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--variant", default="lsd", help="a variant of configs/default.py")
+    ap.add_argument("--backbone", default=None, help="config.model.backbone (default: the "
+                    "variant's, FCN-8s)")
+    ap.add_argument("--resnet-blocks", default=None, help="config.model.resnet_blocks, e.g. "
+                    "1,1,1,1 for a tiny DeepLab ResNet")
+    ap.add_argument("--height", type=int, default=128, help="target (and source) height")
+    ap.add_argument("--width", type=int, default=256, help="target (and source) width")
+    ap.add_argument("--source-height", type=int, default=None, help="default: --height")
+    ap.add_argument("--source-width", type=int, default=None, help="default: --width")
     ap.add_argument("--batch", type=int, default=1, help="source (= target) images per iteration")
     ap.add_argument("--model-width", type=float, default=1.0, help="config.model.width")
     ap.add_argument("--dtype", choices=sorted(methods.base.DTYPES), default="float32")
@@ -278,20 +297,37 @@ def main():
     if args.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
 
-    config = default_config.get_config()
+    config = default_config.apply_variant(default_config.get_config(), args.variant)
+    if args.backbone:
+        config.model.backbone = args.backbone
+    if args.resnet_blocks:
+        config.model.resnet_blocks = tuple(int(b) for b in args.resnet_blocks.split(","))
+    if args.peer and config.method != "lsd":
+        ap.error(f"--peer: the PyTorch peer runs LSD, not --variant {args.variant}")
+    sizes = {"source": (args.source_height or args.height, args.source_width or args.width),
+             "target": (args.height, args.width)}
+    if sizes["source"] != sizes["target"] and methods.needs_one_size(config):
+        ap.error(f"--variant {args.variant}: both domains must have one size")
     config.model.width = args.model_width
     config.model.dtype = args.dtype
     config.model.remat_f = args.remat_f
     config.model.remat_g = args.remat_g
     mesh = parallel.make_mesh(args.num_devices)
     parallel.check_batch_divisible(args.batch, mesh)
-    states0 = parallel.replicate(methods.build(config).init(jax.random.key(0)), mesh)
-    batch = jax.device_put(make_batch(args.batch, args.height, args.width, config.num_classes),
+    method = methods.build(config)
+    states0 = parallel.replicate(method.init(jax.random.key(0)), mesh)
+    if not method.reads_target:  # as the training loop hands such a method its batches
+        sizes.pop("target")
+    batch = jax.device_put(make_batch(args.batch, sizes, config.num_classes),
                            parallel.batch_sharded(mesh))
     device = jax.devices()[0]
     common = {"date": time.strftime("%Y-%m-%d"), "device": device.device_kind,
               "platform": device.platform, "num_devices": mesh.size, "host": platform.node(),
-              "cpu_count": os.cpu_count(), "jax": jax.__version__, "size": [args.height, args.width],
+              "cpu_count": os.cpu_count(), "jax": jax.__version__, "variant": args.variant,
+              "method": config.method, "backbone": config.model.backbone,
+              "resnet_blocks": list(config.model.resnet_blocks),
+              "size": [args.height, args.width],
+              "source_size": [args.source_height or args.height, args.source_width or args.width],
               "batch": args.batch, "model_width": args.model_width, "dtype": args.dtype,
               "matmul_precision": args.matmul_precision, "remat_f": args.remat_f,
               "remat_g": args.remat_g, "command": " ".join(sys.argv)}
@@ -310,7 +346,9 @@ def main():
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
 
-    print(f"\n{device.device_kind} x{mesh.size}, {args.height}x{args.width}, batch {args.batch}+"
+    print(f"\n{device.device_kind} x{mesh.size}, {args.variant} ({config.method}) on "
+          f"{config.model.backbone}, source {common['source_size'][0]}x{common['source_size'][1]}, target "
+          f"{args.height}x{args.width}, batch {args.batch}+"
           f"{args.batch}, width {args.model_width}, {args.dtype}, precision "
           f"{args.matmul_precision}, jax {jax.__version__}")
     print("| mode | updates | compile s | s/iter | images/s | GFLOP/iter | XLA GFLOP | TFLOP/s | MFU | "

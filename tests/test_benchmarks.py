@@ -61,7 +61,25 @@ def test_step_time_runs_and_profiles_a_tiny_iteration(tmp_path):
     assert row["traced_flops_per_iter"] > row["flops_per_iter"]
     assert row["tflops_per_s"] == pytest.approx(
         row["traced_flops_per_iter"] / row["median_s_per_iter"] / 1e12)
-    assert len(row["losses"]) == 3 and all(map(math.isfinite, row["losses"]))
+    assert set(row["losses"]) == {"d/loss", "g/loss", "f/loss"}
+    assert all(map(math.isfinite, row["losses"].values()))
     assert len(row["profile_top_ms"]) == 5, row.get("profile_error")
     assert any("FCN8s" in what or "Generator" in what or "Discriminator" in what
                for _, _, what in row["profile_top_ms"])
+
+
+@pytest.mark.slow
+def test_step_time_runs_another_method_on_deeplab_with_two_sizes(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "step_time.py"), "--variant",
+         "advent", "--backbone", "deeplabv2_resnet101", "--resnet-blocks", "1,1,1,1",
+         "--model-width", "0.0625", "--height", "32", "--width", "64", "--source-height", "40",
+         "--source-width", "72", "--modes", "simultaneous", "--updates", "separate", "--iters",
+         "1", "--warmup", "0", "--json", str(out)],
+        check=True, env=subprocess_env(), cwd=tmp_path, capture_output=True, timeout=600)
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["method"], row["backbone"]) == ("advent", "deeplabv2_resnet101")
+    assert row["source_size"] == [40, 72] and row["size"] == [32, 64]
+    assert set(row["losses"]) == {"s/loss", "d/loss", "d_aux/loss"}, row["losses"]
+    assert all(map(math.isfinite, row["losses"].values())) and row["median_s_per_iter"] > 0
