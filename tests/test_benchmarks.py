@@ -81,5 +81,5 @@ def test_step_time_runs_another_method_on_deeplab_with_two_sizes(tmp_path):
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert (row["method"], row["backbone"]) == ("advent", "deeplabv2_resnet101")
     assert row["source_size"] == [40, 72] and row["size"] == [32, 64]
-    assert set(row["losses"]) == {"s/loss", "d/loss", "d_aux/loss"}, row["losses"]
+    assert set(row["losses"]) == {"f/loss", "d/loss", "d_aux/loss"}, row["losses"]
     assert all(map(math.isfinite, row["losses"].values())) and row["median_s_per_iter"] > 0
