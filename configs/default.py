@@ -106,9 +106,9 @@ def use_adapted_source(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 # The variants the published DeepLab-v2 settings (configs/gta_deeplab.py, synthia_deeplab.py)
-# offer. LSD's G needs FCN-8s's features. The baselines are left out until source-only can
-# train with the references' SGD and poly schedule (today it uses LSD's Adam, `config.optim`).
-DEEPLAB_VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent")
+# offer. LSD's G needs FCN-8s's features.
+DEEPLAB_VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
+                    "source_only", "target_only")
 
 
 def use_published_deeplab_setting(config: ml_collections.ConfigDict, variant: str,
@@ -128,7 +128,14 @@ def use_published_deeplab_setting(config: ml_collections.ConfigDict, variant: st
     data.source.crop = None
     use_cityscapes_target(config)
     config.train.eval_every = 5000
-    return use_reference_iterations(apply_variant(config, variant), advent_steps)
+    config = apply_variant(config, variant)
+    if variant in ("source_only", "target_only"):
+        # The references' baseline: S alone with their SGD and poly schedule, and as many
+        # iterations as AdaptSegNet (unverified: neither paper gives its baseline's count).
+        config.source_only.optimizer = "output_space_sgd"
+        config.data.source.flip = False
+        config.train.num_steps = 150_000
+    return use_reference_iterations(config, advent_steps)
 
 
 def use_reference_iterations(config: ml_collections.ConfigDict,
@@ -247,6 +254,11 @@ def get_config() -> ml_collections.ConfigDict:
     # The unified adversarial framework (method "adversarial", docs/methods.md section 10):
     # D on S's features or class maps, tied or untied encoders, the mapping loss. S learns with
     # `config.optim` (LSD's and the baselines' Adam); the segmentation term is a per-pixel mean.
+    # The source-only baseline (and the oracle): S's optimiser is that of the method it is the
+    # baseline of, "lsd_adam" (config.optim) or "output_space_sgd" (config.adaptsegnet's SGD,
+    # momentum, weight decay, 10x classifiers and poly schedule, as AdaptSegNet / ADVENT).
+    config.source_only = ml_collections.ConfigDict(dict(optimizer="lsd_adam"))
+
     config.adversarial = ml_collections.ConfigDict(dict(
         d_input="features",     # "features" (fc7; DeepLab ResNet: layer4) or "scores" (softmax)
         tied=True,              # one encoder for both domains; False: ADDA's untied encoders

@@ -6,7 +6,8 @@
         --config.init.torch_f=/path/to/DeepLab_resnet_pretrained_init-f81d91e8.pth
     python -m lsd_jax.main --config configs/gta_deeplab.py:advent --workdir runs/gta_advent \
         --config.init.torch_f=/path/to/DeepLab_resnet_pretrained_imagenet.pth
-        (likewise :adaptsegnet, :adaptsegnet_ls, :minent; ImageNet weights from Keras instead:
+        (likewise :adaptsegnet, :adaptsegnet_ls, :minent, :source_only, :target_only; ImageNet
+        weights from Keras instead:
         --config.init.resnet_weights=/path/to/resnet101_weights_tf_dim_ordering_tf_kernels.h5)
 
 | variant | reference's iterations (stop; poly over 250k) | published mIoU (Cityscapes val) |
@@ -15,10 +16,12 @@
 | `adaptsegnet_multi` | 150,000 | 42.4 |
 | `adaptsegnet_ls` | 150,000 | 44.1 (LS-GAN, single-level) |
 | `minent` | 120,000 | 42.3 |
-| `advent` | 120,000 | 43.8 (source-only in that paper: 36.6) |
+| `advent` | 120,000 | 43.8 |
+| `source_only` | 150,000 (unverified: no paper gives it) | 36.6 (the baseline of both papers) |
+| `target_only` | 150,000 | the oracle: S on Cityscapes' own labels |
 
 S: SGD (momentum 0.9, weight decay 5e-4, lr 2.5e-4, classifiers 10x), D: Adam 1e-4 (0.9, 0.99),
-poly 0.9. AdaptSegNet started from a COCO-trained DeepLab (`..._init-f81d91e8.pth`, its
+poly 0.9; the baselines train S alone with the same SGD (`config.source_only.optimizer`). AdaptSegNet started from a COCO-trained DeepLab (`..._init-f81d91e8.pth`, its
 `layer5` skipped), ADVENT from an ImageNet one; the ImageNet-only start costs about 1.4 mIoU
 (docs/methods.md section 9). The public codes sum only two ASPP branches (a `return` inside
 the loop) and their released models were trained so: `--config.model.aspp_branches=2`
@@ -38,7 +41,8 @@ import ml_collections
 
 from lsd_jax.config_files import load_sibling
 
-VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent")
+VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
+            "source_only", "target_only")
 
 
 def get_config(variant: str = "adaptsegnet_multi") -> ml_collections.ConfigDict:

@@ -4,7 +4,8 @@ classes trained, the 16- and 13-class scores reported (docs/methods.md, 5-6 and 
 
     python -m lsd_jax.main --config configs/synthia_deeplab.py:advent --workdir runs/syn_advent \
         --config.init.torch_f=/path/to/DeepLab_resnet_pretrained_imagenet.pth
-        (likewise :adaptsegnet_multi, :adaptsegnet, :adaptsegnet_ls, :minent)
+        (likewise :adaptsegnet_multi, :adaptsegnet, :adaptsegnet_ls, :minent, :source_only,
+        :target_only)
 
 | variant | reference's iterations (stop; poly over 250k) | published mIoU (Cityscapes val) |
 |---|---|---|
@@ -25,7 +26,8 @@ import ml_collections
 
 from lsd_jax.config_files import load_sibling
 
-VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent")
+VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
+            "source_only", "target_only")
 
 
 def get_config(variant: str = "advent") -> ml_collections.ConfigDict:

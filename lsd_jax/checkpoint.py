@@ -48,7 +48,8 @@ CONFIG_FILE = "config.json"
 STRUCTURAL_FIELDS = ("method", "num_classes", "model.width", "data.class_set", "model.backbone",
                      "model.resnet_blocks", "adaptsegnet.multi_level", "advent.multi_level",
                      "advent.kind", "adversarial.tied", "adversarial.d_input",
-                     "adversarial.discriminator", "adversarial.d_hidden")
+                     "adversarial.discriminator", "adversarial.d_hidden",
+                     "source_only.optimizer")
 
 
 class IncompatibleWorkdirError(UserError, ValueError):

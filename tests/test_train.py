@@ -14,6 +14,7 @@ import pytest
 from clu import metric_writers
 
 from lsd_jax import checkpoint, distributed, errors, parallel, preflight, reporting, train
+from lsd_jax.methods import source_only
 from lsd_jax.programs import build_programs, initial_states
 from train_helpers import (REPO_ROOT, free_port, load_config_file, subprocess_env, tiny_config,
                            tiny_programs)
@@ -256,19 +257,42 @@ def test_every_config_and_variant_is_valid(name, variant):
 
 @pytest.mark.parametrize("name", ["gta_deeplab", "synthia_deeplab"])
 @pytest.mark.parametrize("variant", ["adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls",
-                                     "advent", "minent"])
+                                     "advent", "minent", "source_only", "target_only"])
 def test_the_published_deeplab_settings_are_valid(name, variant):
     config = load_config_file(name, variant)
     preflight.check_config(config)
     preflight.check_selection_is_not_eval(config.data)
     preflight.check_training_sizes(config.data, one_size=False)
     source_size = (720, 1280) if name == "gta_deeplab" else (760, 1280)
-    assert config.data.source.resize == source_size and config.data.source.crop is None
+    if variant == "target_only":  # the oracle trains on the target's own training images
+        assert config.data.source.name == config.data.target.name
+    else:
+        assert config.data.source.resize == source_size and config.data.source.crop is None
     assert config.data.target.crop == (512, 1024) and not config.data.source.flip
     assert (config.model.backbone, config.data.batch_size) == ("deeplabv2_resnet101", 1)
-    expected_steps = {"adaptsegnet": 150_000,
+    expected_steps = {"adaptsegnet": 150_000, "source_only": 150_000,
                       "advent": 120_000 if name == "gta_deeplab" else 90_000}[config.method]
     assert config.train.num_steps == expected_steps
+    if config.method == "source_only":
+        assert config.source_only.optimizer == "output_space_sgd"
+
+
+def test_source_only_can_train_with_the_output_space_references_sgd():
+    """S's SGD of AdaptSegNet / ADVENT: coupled weight decay, classifiers at 10x, poly."""
+    config = load_config_file("gta_deeplab", "source_only")
+    tx, rates = source_only.optimizer_and_rates(config)
+    assert rates(0) == pytest.approx({"lr/f": 2.5e-4, "lr/f_classifier": 2.5e-3})
+    assert rates(125_000)["lr/f"] == pytest.approx(2.5e-4 * 0.5 ** 0.9)
+    params = {"layer1_0": {"kernel": jnp.full(3, 2.0)},
+              "classifier": {"conv0": {"kernel": jnp.full(3, 2.0)}}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["layer1_0"]["kernel"], -2.5e-4 * (1 + 5e-4 * 2.0))
+    np.testing.assert_allclose(updates["classifier"]["conv0"]["kernel"],
+                               -2.5e-3 * (1 + 5e-4 * 2.0))
+    config.source_only.optimizer = "sgd"
+    with pytest.raises(ValueError, match=r"config.source_only.optimizer: expected one of"):
+        source_only.optimizer_and_rates(config)
 
 
 def test_the_published_deeplab_settings_refuse_lsd():

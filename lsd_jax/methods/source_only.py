@@ -1,12 +1,30 @@
 """The source-only baseline (docs/methods.md, section 7): F+C trained on the source's labels
-alone, with LSD's optimiser for F (`config.optim`) and its segmentation loss
-(`config.loss.reduction`). The oracle is the same method trained on the target's labels (the
-configs' `target_only` variant)."""
+alone, with its segmentation loss (`config.loss.reduction`) and the optimiser of the method it
+is the baseline of (`config.source_only.optimizer`): LSD's Adam (`config.optim`), or the SGD and
+poly schedule with which AdaptSegNet and ADVENT train S (`config.adaptsegnet`'s rates). The
+oracle is the same method trained on the target's labels (the configs' `target_only` variant)."""
 
 import jax
 
 from lsd_jax import losses
-from lsd_jax.methods import base
+from lsd_jax.methods import adaptsegnet, base
+
+# config.source_only.optimizer: whose optimiser S trains with.
+OPTIMIZERS = ("lsd_adam", "output_space_sgd")
+
+
+def optimizer_and_rates(config):
+    """(optax transformation, step -> {"lr/...": rate}) for config.source_only.optimizer."""
+    choice = config.source_only.optimizer
+    base.check_choice("source_only.optimizer", choice, OPTIMIZERS)
+    if choice == "lsd_adam":
+        return base.f_optimizer(config.optim), base.f_learning_rates(config.optim)
+    block = config.adaptsegnet
+    adaptsegnet.check_block(block, "adaptsegnet", ())
+    backbone = adaptsegnet.poly_schedule(block.s_lr, block)
+    classifier = adaptsegnet.poly_schedule(block.s_lr * block.classifier_lr_mult, block)
+    return adaptsegnet.s_optimizer(block), lambda step: {
+        "lr/f": float(backbone(step)), "lr/f_classifier": float(classifier(step))}
 
 
 def source_only_loss(f, reduction, variables, batch, key):
@@ -28,7 +46,7 @@ def f_update(f, tx, reduction, f_state, batch, key):
 
 def build(config) -> base.Method:
     f = base.segmentation_network(config)
-    tx = base.f_optimizer(config.optim)
+    tx, learning_rates = optimizer_and_rates(config)
     reduction = base.check_reduction(config)
 
     return base.Method(
@@ -40,7 +58,7 @@ def build(config) -> base.Method:
                                                 base.example_image(), train=False)},
         predict=base.predict_scores(f),
         pictures=lambda states, batch: base.predictions(f, states, batch, ("source",)),
-        learning_rates=base.f_learning_rates(config.optim),
+        learning_rates=learning_rates,
         output_shapes=lambda states, image: {"f": base.f_output_shapes(f, states, image)},
         reads_target=False,
         console_terms=("f/seg",),
