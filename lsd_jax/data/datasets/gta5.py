@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from PIL import Image
 
 import tensorflow_datasets as tfds
 
