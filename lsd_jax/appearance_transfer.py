@@ -297,9 +297,17 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _decode(data: bytes) -> np.ndarray:
+    """An encoded label map as stored: (H, W) class ids."""
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    """An encoded image as (H, W, 3) uint8 RGB, whatever its mode (grey, palette, RGBA)."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def _resized(image: np.ndarray, label: np.ndarray | None, size):
@@ -344,7 +352,7 @@ def _target_images(config, builder, image_key: str) -> Iterator[np.ndarray]:
     if limit is not None:
         ds = ds.take(limit)
     for example in ds.as_numpy_iterator():
-        image = _decode(example[image_key])[..., :3]
+        image = _decode_rgb(example[image_key])
         if target.resize is not None:
             image, _ = _resized(image, None, target.resize)
         yield image
@@ -438,7 +446,7 @@ def write_adapted_copy(config, output: str, max_images: int | None = None,
     grams = mean_target_grams(config, target_builder, target_image_key, apply_fn, variables,
                               output, progress)
 
-    total = source_builder.info.splits[data.source.split].num_examples
+    total = num_source = source_builder.info.splits[data.source.split].num_examples
     if max_images is not None:
         total = min(total, max_images)
     done = {name[:-4] for name in os.listdir(os.path.join(output, "images"))
@@ -452,7 +460,7 @@ def write_adapted_copy(config, output: str, max_images: int | None = None,
                 config, source_builder, image_key, label_key, max_images):
             if name in done:
                 continue
-            image = _decode(image_bytes)[..., :3]
+            image = _decode_rgb(image_bytes)
             label = None
             if aan.resize is not None:
                 image, label = _resized(image, _decode(label_bytes), aan.resize)
@@ -480,7 +488,7 @@ def write_adapted_copy(config, output: str, max_images: int | None = None,
         done.update(names)
         bar.update(len(batch))
     bar.close()
-    complete = max_images is None
+    complete = len(done) >= num_source
     record = {**record, "complete": complete, "num_images": len(done)}
     _write_json(os.path.join(output, RECORD), record)
     how = ("" if complete else
