@@ -11,6 +11,7 @@ import pytest
 from lsd_jax import weights
 from lsd_jax.models import deeplab
 from lsd_jax.models.layers import scaled
+from test_gradients import to_float64
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -209,26 +210,38 @@ def test_resnet_outputs_match_the_transcription_in_inference(aux, branches):
 
 
 def test_resnet_training_mode_uses_and_updates_batch_statistics_as_pytorch():
+    """The same computation as PyTorch's, checked in float64 where rounding cannot hide a
+    difference; float32 is checked against float64 separately. (Through 100 layers that each
+    normalise by the batch's statistics, float32 rounding reaches 2e-4 of the largest output,
+    in PyTorch as here, and depends on the CPU's kernels: no cross-framework float32 bound holds
+    on every machine.)"""
     torch.manual_seed(0)
     reference = randomise_batch_norms(
-        TorchDeeplabMulti(CLASSES, width=1 / 16, aux=True)).train()
+        TorchDeeplabMulti(CLASSES, width=1 / 16, aux=True)).train().double()
     module = deeplab.DeepLabV2ResNet(CLASSES, width=1 / 16, aux_classifier=True)
-    x = np.random.default_rng(2).standard_normal((2, 97, 129, 3)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 97, 129, 3))
     network = "deeplabv2_resnet101_multi"
-    variables = imported(module, reference, network, x)
-    outputs, updated = module.apply(variables, jnp.asarray(x), train=True,
-                                    mutable=["batch_stats"])
+    variables = imported(module, reference, network, x.astype(np.float32))
+    outputs32, _ = module.apply(variables, jnp.asarray(x, jnp.float32), train=True,
+                                mutable=["batch_stats"])
+    with jax.enable_x64(True):
+        variables = to_float64(variables)
+        outputs, updated = module.clone(dtype=jnp.float64).apply(
+            variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+        before = weights.flax_to_torch(variables, network)
+        after = weights.flax_to_torch({**variables, **updated}, network)
     expected = reference(nchw(x))  # train mode: updates the running statistics in place
-    assert relative_error(outputs[0], expected[0]) < 1e-4
-    assert relative_error(outputs[3], expected[1]) < 1e-4
-    before = weights.flax_to_torch(variables, network)
-    after = weights.flax_to_torch({**variables, **updated}, network)
+    assert relative_error(outputs[0], expected[0]) < 1e-9
+    assert relative_error(outputs[3], expected[1]) < 1e-9
+    assert relative_error(outputs32[0], expected[0]) < 1e-3
+    assert relative_error(outputs32[3], expected[1]) < 1e-3
     statistics = [k for k in after if k.endswith(("running_mean", "running_var"))]
     assert len(statistics) == 2 * (1 + 3 * 33 + 4)  # stem, 3 per block, 4 projections
     for key in statistics:
         assert not np.allclose(after[key], before[key]), f"{key} was not updated"
-        np.testing.assert_allclose(after[key], reference.state_dict()[key].numpy(), rtol=1e-4,
-                                   atol=1e-6, err_msg=key)
+        # (the export is float32)
+        np.testing.assert_allclose(after[key], reference.state_dict()[key].numpy(), rtol=1e-6,
+                                   atol=1e-9, err_msg=key)
 
 
 def test_frozen_statistics_ignore_the_batch():
@@ -271,7 +284,7 @@ def test_resnet_gradients_compiled_equal_eager_and_float64():
     """The stem pool, BatchNorm in training mode and the aligned-corners upsampling inside a
     whole network: jit(grad) against eager grad and against float64."""
     from lsd_jax.models.layers import upsample_bilinear_align_corners
-    from test_gradients import assert_close, to_float64
+    from test_gradients import assert_close
 
     module = deeplab.DeepLabV2ResNet(CLASSES, width=1 / 16, blocks=(1, 1, 1, 1),
                                      aux_classifier=True)

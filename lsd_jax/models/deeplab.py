@@ -73,8 +73,9 @@ class TorchBatchNorm(nn.Module):
         mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
         if use_batch_statistics:
-            x32 = x.astype(jnp.float32)
-            m, v = x32.mean((0, 1, 2)), x32.var((0, 1, 2))
+            # Statistics in float32 at least (bfloat16 activations), in float64 when x is.
+            wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            m, v = wide.mean((0, 1, 2)), wide.var((0, 1, 2))
             if self.is_mutable_collection("batch_stats") and not self.is_initializing():
                 n = x.size // self.features
                 mean.value = (1 - self.momentum) * mean.value + self.momentum * m
