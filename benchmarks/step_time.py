@@ -19,7 +19,8 @@ XLA shares between updates. Needs no tensorflow: the batch is random in-memory a
     python benchmarks/step_time.py --height 512 --width 1024 --dtype bfloat16 --peer --peer-args="--amp bf16"
 
 Per iteration: --batch source and --batch target images (the paper: 1 + 1), so images/s counts
-2 x batch per iteration, as the peer does. --peer runs ../shared/peer/torch_lsd_step.py (or
+2 x batch per iteration, as the peer does (batch for a method that reads no target images,
+e.g. source_only). --peer runs ../shared/peer/torch_lsd_step.py (or
 --peer-script) once per update mode, at the same size, in the same run (LSD only).
 
 Other methods: --variant names one of configs/default.py's variants (adaptsegnet_multi, advent,
@@ -125,9 +126,17 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
+def images_per_iteration(method, batch: int) -> int:
+    """The images one iteration reads: batch source images, and as many target images where
+    the method reads them."""
+    return batch * (2 if method.reads_target else 1)
+
+
 def bench_one(config, mesh, mode, updates_kind, states0, batch, args):
     config.update_mode = mode
-    updates = methods.compile_method(methods.build(config), donate=True, mesh=mesh)
+    method = methods.build(config)
+    images_per_iter = images_per_iteration(method, args.batch)
+    updates = methods.compile_method(method, donate=True, mesh=mesh)
     key = parallel.replicate(jax.random.key(1), mesh)
     states = jax.tree.map(lambda x: x.copy(), states0)  # the composed step donates its states
     t0 = time.perf_counter()
@@ -166,7 +175,7 @@ def bench_one(config, mesh, mode, updates_kind, states0, batch, args):
     peak = peak_flops(jax.devices()[0], args.dtype, args.matmul_precision)
     mem = peak_device_memory()
     row.update(median_s_per_iter=med, min_s=min(times), max_s=max(times),
-               images_per_s=2 * args.batch / med, tflops_per_s=traced_flops / med / 1e12,
+               images_per_s=images_per_iter / med, tflops_per_s=traced_flops / med / 1e12,
                mfu=None if peak is None else traced_flops / med / (peak * mesh.size),
                peak_mem_gib=None if mem is None else mem / 2**30,
                losses={name: float(value) for name, value in metrics.items()

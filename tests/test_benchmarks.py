@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from configs import default
+from lsd_jax import methods
 from train_helpers import REPO_ROOT, subprocess_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
@@ -43,6 +45,13 @@ def test_hlo_ops_are_described_by_their_jax_op_or_root():
     assert what["ynn_fusion.7"] == "f32[4,4]{1,0}  (convolution in fused_computation.7)"
     # The same name in two programs (separate updates) cannot be attributed to either.
     assert "dot.2" not in step_time.describe_hlo_ops([HLO, HLO])
+
+
+@pytest.mark.parametrize("variant, images", [("lsd", 6), ("adaptsegnet", 6),
+                                             ("source_only", 3)])
+def test_images_per_second_count_the_images_a_method_reads(variant, images):
+    config = default.apply_variant(default.get_config(), variant)
+    assert step_time.images_per_iteration(methods.build(config), batch=3) == images
 
 
 @pytest.mark.slow
