@@ -81,6 +81,25 @@ def _path_str(path: Path) -> str:
     return "/".join(path)
 
 
+def _with_keras_layers(variables: Variables, flat: Mapping[Path, Any],
+                       updates: Mapping[Path, tuple[np.ndarray, str]], source: str, *,
+                       network: str, expected: str) -> Variables:
+    """`variables` with each path of `updates` ({path: (array, Keras layer name)}) replaced,
+    every path present and every shape equal, or an error naming the file and the layer."""
+    new = dict(flat)
+    for path_, (array, keras_name) in updates.items():
+        if path_ not in flat:
+            raise WeightImportError(f"importing {source}: the variables have no "
+                                    f"{_path_str(path_)}; pass {expected}")
+        if array.shape != flat[path_].shape:
+            raise WeightImportError(
+                f"{source}: layer '{keras_name}' has shape {array.shape} where {network}'s "
+                f"{_path_str(path_)} is {tuple(flat[path_].shape)}; ImageNet weights fit "
+                f"{network} built with width=1.0")
+        new[path_] = _as_leaf(array, flat[path_])
+    return _rebuild_like(variables, new)
+
+
 # ------------------------------------------------------------------------------------------------
 # Keras VGG16
 # ------------------------------------------------------------------------------------------------
@@ -302,19 +321,9 @@ def import_keras_vgg16(path: str | os.PathLike, variables: Variables,
         logger.warning("%s has no fc1/fc2 (a VGG16 without its top): fc6 and fc7 keep their "
                        "initialisation", source)
 
-    new = dict(flat)
-    for path_, (array, keras_name) in updates.items():
-        if path_ not in flat:
-            raise WeightImportError(f"importing {source}: the variables have no "
-                                    f"{_path_str(path_)}; pass F's variables "
-                                    "({'params': ..., 'frozen': ...}) or DeepLab-v2 VGG16's")
-        if array.shape != flat[path_].shape:
-            raise WeightImportError(
-                f"{source}: layer '{keras_name}' has shape {array.shape} where F's "
-                f"{_path_str(path_[1:])} is {tuple(flat[path_].shape)}; ImageNet VGG16 weights "
-                "fit F built with width=1.0")
-        new[path_] = _as_leaf(array, flat[path_])
-    return _rebuild_like(variables, new)
+    return _with_keras_layers(variables, flat, updates, source, network="F",
+                              expected="F's variables ({'params': ..., 'frozen': ...}) or "
+                                       "DeepLab-v2 VGG16's")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -540,23 +549,13 @@ def import_keras_resnet(path: str | os.PathLike, variables: Variables) -> Variab
         updates[("batch_stats", *bn_path, "var")] = (
             moving_variance + (names.epsilon - OUR_BN_EPSILON), keras_bn)
 
-    new = dict(flat)
-    for path_, (array, keras_name) in updates.items():
-        if path_ not in flat:
-            raise WeightImportError(
-                f"importing {source}: the variables have no {_path_str(path_)}; pass a "
-                "ResNet's variables ({'params', 'frozen', 'batch_stats'}) of ImageNetResNet or "
-                "DeepLabV2ResNet")
-        if array.shape != flat[path_].shape:
-            raise WeightImportError(
-                f"{source}: layer '{keras_name}' has shape {array.shape} where the network's "
-                f"{_path_str(path_)} is {tuple(flat[path_].shape)}; ImageNet ResNet weights "
-                "fit the network built with width=1.0")
-        new[path_] = _as_leaf(array, flat[path_])
+    new = _with_keras_layers(variables, flat, updates, source, network="the network",
+                             expected="a ResNet's variables ({'params', 'frozen', "
+                                      "'batch_stats'}) of ImageNetResNet or DeepLabV2ResNet")
     logger.info("%s: Keras ResNet-%d weights (%s names, BatchNorm epsilon %g folded with the "
                 "conv biases into the statistics)", source, _resnet_depth(blocks),
                 names.description, names.epsilon)
-    return _rebuild_like(variables, new)
+    return new
 
 
 # ------------------------------------------------------------------------------------------------

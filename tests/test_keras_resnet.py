@@ -26,6 +26,7 @@ from lsd_jax.errors import ConfigError
 from lsd_jax.models.deeplab import DeepLabV2ResNet, DeepLabV2VGG16
 from lsd_jax.models.resnet import FEATURE_NAMES, ImageNetResNet
 from lsd_jax.weights import WeightImportError
+from test_weights import flat, relative_error
 
 TOLERANCE = 1e-4
 RESNET50 = (3, 4, 6, 3)
@@ -36,16 +37,6 @@ BN_ARRAYS = ("gamma", "beta", "moving_mean", "moving_variance")
 
 # keras.applications' ResNet50: stack1(x, filters, blocks, stride1) for conv2 ... conv5.
 KERAS_STACKS = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
-
-
-def relative_error(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
-
-
-def flat(variables):
-    return traverse_util.flatten_dict(variables)
 
 
 def random_like(shapes, seed):
