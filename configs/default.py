@@ -256,7 +256,8 @@ def get_config() -> ml_collections.ConfigDict:
     # `config.optim` (LSD's and the baselines' Adam); the segmentation term is a per-pixel mean.
     # The source-only baseline (and the oracle): S's optimiser is that of the method it is the
     # baseline of, "lsd_adam" (config.optim) or "output_space_sgd" (config.adaptsegnet's SGD,
-    # momentum, weight decay, 10x classifiers and poly schedule, as AdaptSegNet / ADVENT).
+    # momentum, weight decay, 10x classifiers and poly schedule, as AdaptSegNet / ADVENT, with
+    # their loss: the cross-entropy averaged over pixels, whatever config.loss.reduction says).
     config.source_only = ml_collections.ConfigDict(dict(optimizer="lsd_adam"))
 
     config.adversarial = ml_collections.ConfigDict(dict(

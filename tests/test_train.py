@@ -290,6 +290,10 @@ def test_source_only_can_train_with_the_output_space_references_sgd():
     np.testing.assert_allclose(updates["layer1_0"]["kernel"], -2.5e-4 * (1 + 5e-4 * 2.0))
     np.testing.assert_allclose(updates["classifier"]["conv0"]["kernel"],
                                -2.5e-3 * (1 + 5e-4 * 2.0))
+    # With the references' rates, their loss: the cross-entropy's mean (LSD's sum overflows).
+    assert config.loss.reduction == "sum" and source_only.loss_reduction(config) == "mean"
+    config.source_only.optimizer = "lsd_adam"
+    assert source_only.loss_reduction(config) == "sum"
     config.source_only.optimizer = "sgd"
     with pytest.raises(ValueError, match=r"config.source_only.optimizer: expected one of"):
         source_only.optimizer_and_rates(config)

@@ -1,8 +1,10 @@
 """The source-only baseline (docs/methods.md, section 7): F+C trained on the source's labels
-alone, with its segmentation loss (`config.loss.reduction`) and the optimiser of the method it
-is the baseline of (`config.source_only.optimizer`): LSD's Adam (`config.optim`), or the SGD and
-poly schedule with which AdaptSegNet and ADVENT train S (`config.adaptsegnet`'s rates). The
-oracle is the same method trained on the target's labels (the configs' `target_only` variant)."""
+alone, as the method it is the baseline of trains them (`config.source_only.optimizer`): LSD's
+Adam (`config.optim`) with LSD's segmentation loss (`config.loss.reduction`), or AdaptSegNet and
+ADVENT's S training, their SGD and poly schedule (`config.adaptsegnet`'s rates) with their
+cross-entropy averaged over pixels (their rates are for that loss: with a sum over a batch of
+128x256 scenes the first steps overflow). The oracle is the same method trained on the target's
+labels (the configs' `target_only` variant)."""
 
 import jax
 
@@ -27,6 +29,13 @@ def optimizer_and_rates(config):
         "lr/f": float(backbone(step)), "lr/f_classifier": float(classifier(step))}
 
 
+def loss_reduction(config) -> str:
+    """The segmentation loss's reduction: the references' mean with their SGD, else LSD's."""
+    if config.source_only.optimizer == "output_space_sgd":
+        return "mean"
+    return base.check_reduction(config)
+
+
 def source_only_loss(f, reduction, variables, batch, key):
     outputs, statistics = base.f_outputs(f, variables, batch["source_image"], train=True,
                                          key=key, update_statistics=True)
@@ -47,7 +56,7 @@ def f_update(f, tx, reduction, f_state, batch, key):
 def build(config) -> base.Method:
     f = base.segmentation_network(config)
     tx, learning_rates = optimizer_and_rates(config)
-    reduction = base.check_reduction(config)
+    reduction = loss_reduction(config)
 
     return base.Method(
         name="source_only",
