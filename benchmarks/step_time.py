@@ -242,13 +242,25 @@ def profile_top_ops(run_once, top, hlo_texts=()):
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    total = collections.Counter()
+    total, hlo_op, first_args = collections.Counter(), {}, {}
     for e in events:
         if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS):
             total[e["name"]] += e.get("dur", 0) / 1e3
+            # A GPU kernel's event names the HLO instruction that launched it in its args.
+            first_args.setdefault(e["name"], e.get("args") or {})
+            op = first_args[e["name"]].get("hlo_op")
+            if op:
+                hlo_op.setdefault(e["name"], op)
     shutil.rmtree(trace_dir, ignore_errors=True)
     what = describe_hlo_ops(hlo_texts)
-    return [(name, round(ms, 1), what.get(name, "")) for name, ms in total.most_common(top)]
+
+    def describe(name):
+        op = hlo_op.get(name)
+        if what.get(name):
+            return what[name]
+        # Otherwise the event's own annotations, whatever this profiler version records.
+        return f"{op}: {what.get(op, '')}".rstrip(": ") if op else str(first_args[name])[:300]
+    return [(name, round(ms, 1), describe(name)) for name, ms in total.most_common(top)]
 
 
 def run_peer(mode, args):
@@ -288,6 +300,9 @@ def main():
                     default="default", help="jax_default_matmul_precision (GPU: default = TF32)")
     ap.add_argument("--modes", default="alternating,simultaneous")
     ap.add_argument("--updates", default="composed,separate")
+    ap.add_argument("--plain-kernels", action="store_true",
+                    help="config.model.plain_kernels: XLA's plain pools, fc6/fc7 and transposed "
+                    "convolutions instead of the CPU-tuned forms")
     ap.add_argument("--remat-f", action="store_true")
     ap.add_argument("--remat-g", action="store_true")
     ap.add_argument("--iters", type=int, default=5)
@@ -319,6 +334,7 @@ def main():
         ap.error(f"--variant {args.variant}: both domains must have one size")
     config.model.width = args.model_width
     config.model.dtype = args.dtype
+    config.model.plain_kernels = args.plain_kernels
     config.model.remat_f = args.remat_f
     config.model.remat_g = args.remat_g
     mesh = parallel.make_mesh(args.num_devices)
@@ -339,7 +355,8 @@ def main():
               "source_size": [args.source_height or args.height, args.source_width or args.width],
               "batch": args.batch, "model_width": args.model_width, "dtype": args.dtype,
               "matmul_precision": args.matmul_precision, "remat_f": args.remat_f,
-              "remat_g": args.remat_g, "command": " ".join(sys.argv)}
+              "remat_g": args.remat_g, "plain_kernels": args.plain_kernels,
+              "command": " ".join(sys.argv)}
     rows = []
     for mode in args.modes.split(","):
         peer = run_peer(mode, args) if args.peer and not args.compile_only else None
@@ -359,7 +376,8 @@ def main():
           f"{config.model.backbone}, source {common['source_size'][0]}x{common['source_size'][1]}, target "
           f"{args.height}x{args.width}, batch {args.batch}+"
           f"{args.batch}, width {args.model_width}, {args.dtype}, precision "
-          f"{args.matmul_precision}, jax {jax.__version__}")
+          f"{args.matmul_precision}, {'plain' if args.plain_kernels else 'tuned'} kernels, "
+          f"jax {jax.__version__}")
     print("| mode | updates | compile s | s/iter | images/s | GFLOP/iter | XLA GFLOP | TFLOP/s | MFU | "
           "peak mem GiB | XLA mem est. GiB | peer s/iter | peer peak GiB | speedup |")
     print("|---" * 14 + "|")

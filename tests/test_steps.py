@@ -291,6 +291,17 @@ def test_bad_batches_are_named():
 # method, with LSD_JAX_RECORD=1 pytest tests/test_steps.py -k recorded.
 RECORDED = os.path.join(os.path.dirname(__file__), "recorded", "lsd_iterations.json")
 RECORDED_RTOL = 1e-9  # the moved code reproduces them exactly here; room for another CPU
+# D's stem and residual convolutions feed instance normalisation, which removes any constant
+# per channel: their biases' exact gradient is zero, and what Adam makes of the float64
+# rounding noise in its place (steps of lr * noise / eps) depends on the CPU's rounding. On
+# another machine they came out 2.7e-6 apart (relative); every other value agreed within 1e-9.
+ZERO_GRADIENT_RTOL = 1e-4
+
+
+def has_zero_gradient(net: str, name: str) -> bool:
+    """D's conv biases that feed instance normalisation (not out_s / out_c's)."""
+    return (net == "d" and name.endswith("['bias']")
+            and not name.startswith(("['out_s']", "['out_c']")))
 
 
 def fingerprint(params) -> dict:
@@ -351,6 +362,7 @@ def test_lsd_and_source_only_reproduce_their_recorded_runs():
             assert sorted(runs[run][net]) == sorted(values[net]), (run, net)
             for name, want in values[net].items():
                 want = np.asarray(want)
-                np.testing.assert_allclose(runs[run][net][name], want, rtol=RECORDED_RTOL,
-                                           atol=RECORDED_RTOL * np.abs(want).max(),
+                rtol = ZERO_GRADIENT_RTOL if has_zero_gradient(net, name) else RECORDED_RTOL
+                np.testing.assert_allclose(runs[run][net][name], want, rtol=rtol,
+                                           atol=rtol * np.abs(want).max(),
                                            err_msg=f"{run}: {net}{name}")

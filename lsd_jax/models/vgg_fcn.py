@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lsd_jax.models.layers import (Dtype, Im2ColConv, bilinear_kernel, conv_transpose_torch,
-                                   max_pool_ceil, scaled)
+                                   max_pool_ceil, pad_spatial, scaled)
 
 # Caffe preprocessing for ImageNet VGG16 weights: BGR, 0-255, this mean subtracted
 # (docs/methods.md, sections 2 and 5).
@@ -104,8 +104,10 @@ class FCN8s(nn.Module):
         for b, widths in enumerate(self.blocks, 1):
             def vgg_block(module, h, b=b, widths=widths):
                 for i, w in enumerate(widths, 1):
-                    h = nn.relu(conv(scaled(w, self.width), f"conv{b}_{i}",
-                                     padding=100 if (b, i) == (1, 1) else 1)(h))
+                    if (b, i) == (1, 1):
+                        h = nn.relu(module._conv1_1(scaled(w, self.width), h))
+                    else:
+                        h = nn.relu(conv(scaled(w, self.width), f"conv{b}_{i}")(h))
                 return max_pool_ceil(h, plain=self.plain_kernels)
             # Lifted remat over a function of the module keeps the parameter names conv{b}_{i}.
             h = (nn.remat(vgg_block) if self.remat else vgg_block)(self, h)
@@ -146,6 +148,15 @@ class FCN8s(nn.Module):
         aux = _crop(upsample("upscore8", upsample("upscore_pool4", aux)), OUTPUT_CROP, height,
                     width, "score_aux")
         return score, fc7, pool4, pool3, aux
+
+    def _conv1_1(self, features: int, image: jax.Array) -> jax.Array:
+        """conv1_1 (3x3 over the 3 colour channels, padding 100): the padding as its own op,
+        then one matrix product over the 27-value patches (Im2ColConv). Same parameters as an
+        nn.Conv. Measured on an H200 at 1024x512 (docs/benchmarks.md): cuDNN's kernel
+        gradient of the padded 3-channel convolution takes 114 ms in bfloat16 (22 ms in
+        float32), most of the iteration; as a matrix product it takes 0.4 ms."""
+        return Im2ColConv(features, 3, kernel_init=backbone_init, dtype=self.dtype,
+                          plain=self.plain_kernels, name="conv1_1")(pad_spatial(image, 100))
 
     def _frozen_upsampler(self, name: str, size: int) -> jax.Array:
         kernel = bilinear_kernel(self.num_classes, size)

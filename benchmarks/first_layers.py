@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Time the 3-channel convolutions of LSD's networks alone, forward and each gradient apart.
+
+A GPU profile of the 1024x512 iteration spends most of its time in one implicit-GEMM forward
+kernel that the profiler does not tie to a layer; the layers whose shapes suit tensor cores
+worst are the ones with 3 input or output channels: F's conv1_1 (3 -> 64, 3x3, padding 100),
+D's stem (3 -> 128, 4x4, stride 2, padding 2; its input gradient has 3 output channels) and
+G's last layer (64 -> 3). This times each alone, at the iteration's shapes, as
+d(output), d(input) and d(kernel) programs.
+
+    python benchmarks/first_layers.py --height 512 --width 1024 --dtype bfloat16
+"""
+import argparse
+import statistics
+import time
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lsd_jax.models import layers  # noqa: E402
+
+
+def conv(x, kernel, stride, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_transpose_dilated(x, kernel, stride, padding):
+    k = kernel.shape[0]
+    pad, crop = max(k - 1 - padding, 0), max(padding - (k - 1), 0)
+    y = jax.lax.conv_general_dilated(x, jnp.flip(kernel, (0, 1)), (1, 1), [(pad, pad)] * 2,
+                                     lhs_dilation=(stride, stride),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y[:, crop:y.shape[1] - crop, crop:y.shape[2] - crop] if crop else y
+
+
+def padded_valid(x, kernel, stride, padding):
+    """The padding as its own op, then a VALID convolution."""
+    return conv(layers.pad_spatial(x, padding), kernel, stride, 0)
+
+
+def padded_im2col(x, kernel, stride, padding):
+    """The padding as its own op, then one matrix product over k x k patches (stride 1)."""
+    assert stride == 1
+    return layers.conv_valid_im2col(layers.pad_spatial(x, padding), kernel)
+
+
+def timed(fn, *args, iters=10):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--height", type=int, default=512)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    h, w, dt = args.height, args.width, jnp.dtype(args.dtype)
+    layers = {  # name: (function, input shape, kernel shape, stride, padding)
+        "F conv1_1 3->64 k3 p100": (conv, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
+        "F conv1_1, pad then VALID": (padded_valid, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
+        "F conv1_1, pad then im2col": (padded_im2col, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
+        "D stem 3->128 k4 s2 p2": (conv, (1, h, w, 3), (4, 4, 3, 128), 2, 2),
+        "G to_image 64->3 k8 s2 p100 (dilated)": (
+            conv_transpose_dilated, (1, h // 2 + 97, w // 2 + 97, 64), (8, 8, 64, 3), 2, 100),
+    }
+    rng = np.random.default_rng(0)
+    print(f"{jax.devices()[0].device_kind}, {args.dtype}, ms per call (median of 10)")
+    print("| layer | forward | d input | d kernel |")
+    print("|---|---|---|---|")
+    for name, (fn, x_shape, k_shape, s, p) in layers.items():
+        x = jnp.asarray(rng.standard_normal(x_shape), dt)
+        k = jnp.asarray(rng.standard_normal(k_shape), dt)
+        y = jax.eval_shape(lambda a, b: fn(a, b, s, p), x, k)
+        g = jnp.asarray(rng.standard_normal(y.shape), dt)
+        forward = jax.jit(lambda a, b: fn(a, b, s, p))
+        vjp = lambda a, b, c: jax.vjp(lambda a_, b_: fn(a_, b_, s, p), a, b)[1](c)  # noqa: E731
+        d_input = jax.jit(lambda a, b, c: vjp(a, b, c)[0])
+        d_kernel = jax.jit(lambda a, b, c: vjp(a, b, c)[1])
+        print(f"| {name} | {timed(forward, x, k):.3f} | {timed(d_input, x, k, g):.3f} | "
+              f"{timed(d_kernel, x, k, g):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
