@@ -260,16 +260,21 @@ class Im2ColConv(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype = jnp.float32
+    # As nn.Conv's: the initialisers draw in this dtype also where jax_enable_x64 makes their
+    # default float64, so that a float64 run starts from the same values.
+    param_dtype: Dtype = jnp.float32
     plain: bool = False
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                            self.param_dtype)
         conv = _conv_valid if self.plain else conv_valid_im2col
         y = conv(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
         return y
 
 
