@@ -30,7 +30,7 @@ setup(
     extras_require={
         # torch is only used by tests that cross-check against a PyTorch transcription, and by
         # users who import PyTorch LSD-seg checkpoints; install a CPU build first (see README).
-        "test": ["pytest>=8.0", "torch>=2.0", "cityscapesscripts>=2.2"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.0", "torch>=2.0", "cityscapesscripts>=2.2"],
         "torch": ["torch>=2.0"],
         # benchmarks/adda_digits.py: scikit-learn's bundled 8x8 digits
         "digits": ["scikit-learn>=1.3"],
