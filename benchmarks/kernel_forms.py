@@ -72,6 +72,18 @@ def record_kernel_calls(trace):
     return list(calls.values())
 
 
+def lsd_iteration_kernel_calls(height, width, batch=1, model_width=1.0, dtype="float32"):
+    """The distinct tuned-kernel calls of one composed LSD iteration (see record_kernel_calls)."""
+    config = default_config.apply_variant(default_config.get_config(), "lsd")
+    config.model.width, config.model.dtype = model_width, dtype
+    method = methods.build(config)
+    states = jax.eval_shape(method.init, jax.random.key(0))
+    sizes = {d: (height, width) for d in ("source", "target")}
+    batch = step_time.make_batch(batch, sizes, config.num_classes)
+    updates = methods.compile_method(method, donate=False)
+    return record_kernel_calls(lambda: updates.step.lower(states, batch, jax.random.key(1)))
+
+
 def forward_backward(fn, static):
     """jit of the kernel's output and the gradients of <output, cotangent> for every input."""
     def loss(arrays, cotangent):
@@ -104,14 +116,8 @@ def main():
     ap.add_argument("--json", default=None, help="append one JSON line per kernel call")
     args = ap.parse_args()
 
-    config = default_config.apply_variant(default_config.get_config(), "lsd")
-    config.model.width, config.model.dtype = args.model_width, args.dtype
-    method = methods.build(config)
-    states = jax.eval_shape(method.init, jax.random.key(0))
-    sizes = {d: (args.height, args.width) for d in ("source", "target")}
-    batch = step_time.make_batch(args.batch, sizes, config.num_classes)
-    updates = methods.compile_method(method, donate=False)
-    calls = record_kernel_calls(lambda: updates.step.lower(states, batch, jax.random.key(1)))
+    calls = lsd_iteration_kernel_calls(args.height, args.width, args.batch, args.model_width,
+                                       args.dtype)
 
     rng = np.random.default_rng(0)
     device = jax.devices()[0]

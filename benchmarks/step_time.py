@@ -242,23 +242,20 @@ def profile_top_ops(run_once, top, hlo_texts=()):
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    total, hlo_op, first_args = collections.Counter(), {}, {}
+    total, first_args = collections.Counter(), {}
     for e in events:
         if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS):
             total[e["name"]] += e.get("dur", 0) / 1e3
-            # A GPU kernel's event names the HLO instruction that launched it in its args.
             first_args.setdefault(e["name"], e.get("args") or {})
-            op = first_args[e["name"]].get("hlo_op")
-            if op:
-                hlo_op.setdefault(e["name"], op)
     shutil.rmtree(trace_dir, ignore_errors=True)
     what = describe_hlo_ops(hlo_texts)
 
     def describe(name):
-        op = hlo_op.get(name)
-        if what.get(name):
+        if what.get(name):  # the CPU: events are named by their HLO instruction
             return what[name]
-        # Otherwise the event's own annotations, whatever this profiler version records.
+        # A GPU kernel: its event's annotations, which may name the launching HLO instruction
+        # (jax 0.11.2 on an H200 recorded only correlation ids).
+        op = first_args[name].get("hlo_op")
         return f"{op}: {what.get(op, '')}".rstrip(": ") if op else str(first_args[name])[:300]
     return [(name, round(ms, 1), describe(name)) for name, ms in total.most_common(top)]
 

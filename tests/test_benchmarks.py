@@ -1,4 +1,5 @@
-"""benchmarks/step_time.py runs end to end at a tiny size and its profile names real ops."""
+"""benchmarks/step_time.py runs end to end at a tiny size and its profile names real ops;
+benchmarks/kernel_forms.py finds every tuned kernel of the iteration, and times the right pairs."""
 
 import json
 import math
@@ -14,6 +15,7 @@ from train_helpers import REPO_ROOT, subprocess_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
+import kernel_forms  # noqa: E402
 import step_time  # noqa: E402
 
 HLO = """\
@@ -92,3 +94,26 @@ def test_step_time_runs_another_method_on_deeplab_with_two_sizes(tmp_path):
     assert row["source_size"] == [40, 72] and row["size"] == [32, 64]
     assert set(row["losses"]) == {"f/loss", "d/loss", "d_aux/loss"}, row["losses"]
     assert all(map(math.isfinite, row["losses"].values())) and row["median_s_per_iter"] > 0
+
+
+def test_kernel_forms_finds_every_tuned_kernel_call_of_the_iteration_with_its_shapes():
+    import collections
+
+    import jax
+    import numpy as np
+    calls = kernel_forms.lsd_iteration_kernel_calls(64, 96, model_width=1 / 16)
+    found = collections.Counter(name for name, *_ in calls)
+    # F: five ceil pools, conv1_1 / fc6 / fc7 as im2col products, three head upsamplings;
+    # G: six transposed convolutions; D: two floor pools (source and target share shapes).
+    assert found == {"max_pool_ceil": 5, "conv_valid_im2col": 3, "conv_transpose_torch": 9,
+                     "max_pool_floor": 2}
+    conv1_1 = [specs for name, _, _, specs, _ in calls
+               if name == "conv_valid_im2col" and specs[0].shape[-1] == 3]
+    assert [[s.shape for s in specs] for specs in conv1_1] == [[(1, 264, 296, 3), (3, 3, 3, 4)]]
+    # Each tuned form and the plain form it is timed against compute the same thing.
+    rng = np.random.default_rng(0)
+    for name, tuned, plain, specs, static in calls:
+        arrays = [rng.standard_normal(s.shape).astype(np.float32) for s in specs]
+        np.testing.assert_allclose(jax.jit(lambda *a: tuned(*a, *static))(*arrays),
+                                   jax.jit(lambda *a: plain(*a, *static))(*arrays),
+                                   rtol=1e-4, atol=1e-4, err_msg=f"{name} {static}")
