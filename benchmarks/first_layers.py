@@ -11,11 +11,10 @@ d(output), d(input) and d(kernel) programs.
     python benchmarks/first_layers.py --height 512 --width 1024 --dtype bfloat16
 """
 import argparse
-import statistics
-import time
-
 import os
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +27,6 @@ from lsd_jax.models import layers  # noqa: E402
 def conv(x, kernel, stride, padding):
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def conv_transpose_dilated(x, kernel, stride, padding):
-    k = kernel.shape[0]
-    pad, crop = max(k - 1 - padding, 0), max(padding - (k - 1), 0)
-    y = jax.lax.conv_general_dilated(x, jnp.flip(kernel, (0, 1)), (1, 1), [(pad, pad)] * 2,
-                                     lhs_dilation=(stride, stride),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y[:, crop:y.shape[1] - crop, crop:y.shape[2] - crop] if crop else y
 
 
 def padded_valid(x, kernel, stride, padding):
@@ -67,19 +57,20 @@ def main():
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     h, w, dt = args.height, args.width, jnp.dtype(args.dtype)
-    layers = {  # name: (function, input shape, kernel shape, stride, padding)
+    probes = {  # name: (function, input shape, kernel shape, stride, padding)
         "F conv1_1 3->64 k3 p100": (conv, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
         "F conv1_1, pad then VALID": (padded_valid, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
         "F conv1_1, pad then im2col": (padded_im2col, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
         "D stem 3->128 k4 s2 p2": (conv, (1, h, w, 3), (4, 4, 3, 128), 2, 2),
         "G to_image 64->3 k8 s2 p100 (dilated)": (
-            conv_transpose_dilated, (1, h // 2 + 97, w // 2 + 97, 64), (8, 8, 64, 3), 2, 100),
+            layers.conv_transpose_dilated, (1, h // 2 + 97, w // 2 + 97, 64), (8, 8, 64, 3),
+            2, 100),
     }
     rng = np.random.default_rng(0)
     print(f"{jax.devices()[0].device_kind}, {args.dtype}, ms per call (median of 10)")
     print("| layer | forward | d input | d kernel |")
     print("|---|---|---|---|")
-    for name, (fn, x_shape, k_shape, s, p) in layers.items():
+    for name, (fn, x_shape, k_shape, s, p) in probes.items():
         x = jnp.asarray(rng.standard_normal(x_shape), dt)
         k = jnp.asarray(rng.standard_normal(k_shape), dt)
         y = jax.eval_shape(lambda a, b: fn(a, b, s, p), x, k)

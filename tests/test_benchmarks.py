@@ -1,12 +1,15 @@
 """benchmarks/step_time.py runs end to end at a tiny size and its profile names real ops;
 benchmarks/kernel_forms.py finds every tuned kernel of the iteration, and times the right pairs."""
 
+import collections
 import json
 import math
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from configs import default
@@ -97,10 +100,6 @@ def test_step_time_runs_another_method_on_deeplab_with_two_sizes(tmp_path):
 
 
 def test_kernel_forms_finds_every_tuned_kernel_call_of_the_iteration_with_its_shapes():
-    import collections
-
-    import jax
-    import numpy as np
     calls = kernel_forms.lsd_iteration_kernel_calls(64, 96, model_width=1 / 16)
     found = collections.Counter(name for name, *_ in calls)
     # F: five ceil pools, conv1_1 / fc6 / fc7 as im2col products, three head upsamplings;
