@@ -6,7 +6,7 @@ kernel that the profiler does not tie to a layer; the layers whose shapes suit t
 worst are the ones with 3 input or output channels: F's conv1_1 (3 -> 64, 3x3, padding 100),
 D's stem (3 -> 128, 4x4, stride 2, padding 2; its input gradient has 3 output channels) and
 G's last layer (64 -> 3). This times each alone, at the iteration's shapes, as
-d(output), d(input) and d(kernel) programs.
+d(output), d(input) and d(kernel) programs; G's last layer in each form the model can take.
 
     python benchmarks/first_layers.py --height 512 --width 1024 --dtype bfloat16
 """
@@ -40,6 +40,13 @@ def padded_im2col(x, kernel, stride, padding):
     return layers.conv_valid_im2col(layers.pad_spatial(x, padding), kernel)
 
 
+def sub_pixel(phase_matmul):
+    """G's to_image as the model computes it (conv_transpose_torch), its phase convolution
+    as XLA's convolution or as a matrix product."""
+    return lambda x, kernel, stride, padding: layers.conv_transpose_torch(
+        x, kernel, stride, padding, phase_matmul=phase_matmul)
+
+
 def timed(fn, *args, iters=10):
     jax.block_until_ready(fn(*args))
     times = []
@@ -57,14 +64,18 @@ def main():
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     h, w, dt = args.height, args.width, jnp.dtype(args.dtype)
+    to_image_input = (1, h // 2 + 97, w // 2 + 97, 64)
     probes = {  # name: (function, input shape, kernel shape, stride, padding)
         "F conv1_1 3->64 k3 p100": (conv, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
         "F conv1_1, pad then VALID": (padded_valid, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
         "F conv1_1, pad then im2col": (padded_im2col, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
         "D stem 3->128 k4 s2 p2": (conv, (1, h, w, 3), (4, 4, 3, 128), 2, 2),
         "G to_image 64->3 k8 s2 p100 (dilated)": (
-            layers.conv_transpose_dilated, (1, h // 2 + 97, w // 2 + 97, 64), (8, 8, 64, 3),
-            2, 100),
+            layers.conv_transpose_dilated, to_image_input, (8, 8, 64, 3), 2, 100),
+        "G to_image, sub-pixel convolution": (
+            sub_pixel(phase_matmul=False), to_image_input, (8, 8, 64, 3), 2, 100),
+        "G to_image, sub-pixel matrix product": (
+            sub_pixel(phase_matmul=True), to_image_input, (8, 8, 64, 3), 2, 100),
     }
     rng = np.random.default_rng(0)
     print(f"{jax.devices()[0].device_kind}, {args.dtype}, ms per call (median of 10)")

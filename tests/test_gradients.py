@@ -163,6 +163,24 @@ def test_cpu_tuned_kernels_match_plain_xla_operations_in_compiled_gradients(name
                      f"{name}: tuned kernels against plain XLA, float64", FLOAT64_TOLERANCE)
 
 
+def test_accelerator_forms_match_plain_xla_operations_in_compiled_gradients(monkeypatch):
+    """On a GPU, G's to_image computes its phase convolution as a matrix product; the same
+    checks, run here by making the layers believe they are on an accelerator."""
+    monkeypatch.setattr(layers, "on_accelerator", lambda: True)
+    phase_products = []
+    im2col = layers.conv_valid_im2col
+    monkeypatch.setattr(layers, "conv_valid_im2col",
+                        lambda x, k: phase_products.append(k.shape) or im2col(x, k))
+    with jax.enable_x64(True):
+        tuned = network_grads("G", dtype=jnp.float64)
+        # to_image's 2 x 2 phases of 3 channels, 4 x 4 taps over G's last 64 * width maps.
+        assert (4, 4, layers.scaled(64, NETWORK_WIDTH), 12) in phase_products
+        assert_close(tuned, network_grads("G", dtype=jnp.float64, plain=True),
+                     "G: accelerator forms against plain XLA, float64", FLOAT64_TOLERANCE)
+    assert_close(network_grads("G"), network_grads("G", compiled=False),
+                 "G: accelerator forms, jit(grad) against eager grad")
+
+
 def test_pool_gradient_goes_to_the_first_maximum_of_a_tie():
     """PyTorch's rule: a tied window gives its whole gradient to its first maximum (row-major)."""
     x = jnp.array([[1.0, 3.0], [3.0, 3.0]]).reshape(1, 2, 2, 1)

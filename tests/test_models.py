@@ -107,16 +107,18 @@ def test_frozen_upsamplers_hold_bilinear_kernels():
     np.testing.assert_allclose(up[0, 2:-2, 2:-2], 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("phase_matmul", [False, True])
 @pytest.mark.parametrize("k, s, p", [(4, 2, 0), (3, 2, 1), (5, 2, 2), (7, 1, 0), (8, 2, 100),
                                      (16, 8, 0)])
-def test_transposed_conv_matches_pytorch(k, s, p):
+def test_transposed_conv_matches_pytorch(k, s, p, phase_matmul):
     rng = np.random.default_rng(k * 100 + p)
     n = 101 if p == 100 else 7  # PyTorch needs (n - 1) * s + k > 2 * p
     x = rng.standard_normal((2, n, n + 3, 4)).astype(np.float32)
     w = rng.standard_normal((4, 5, k, k)).astype(np.float32)  # PyTorch (in, out, kH, kW)
     expected = torch.nn.functional.conv_transpose2d(
         torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w), stride=s, padding=p)
-    ours = conv_transpose_torch(jnp.asarray(x), jnp.asarray(w.transpose(2, 3, 0, 1)), s, p)
+    ours = conv_transpose_torch(jnp.asarray(x), jnp.asarray(w.transpose(2, 3, 0, 1)), s, p,
+                                phase_matmul=phase_matmul)
     np.testing.assert_allclose(ours, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-4,
                                atol=1e-4)
 
