@@ -116,3 +116,18 @@ def test_kernel_forms_finds_every_tuned_kernel_call_of_the_iteration_with_its_sh
         np.testing.assert_allclose(jax.jit(lambda *a: tuned(*a, *static))(*arrays),
                                    jax.jit(lambda *a: plain(*a, *static))(*arrays),
                                    rtol=1e-4, atol=1e-4, err_msg=f"{name} {static}")
+
+
+@pytest.mark.slow
+def test_first_layers_times_every_form_of_each_layer():
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "first_layers.py"), "--height",
+         "32", "--width", "64"], check=True, env=subprocess_env(), capture_output=True,
+        text=True, timeout=600).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0] == [" layer ", " forward ", " d input ", " d kernel "]
+    names = [name.strip() for name, *_ in rows[1:]]
+    assert names[-3:] == ["G to_image 64->3 k8 s2 p100 (dilated)",
+                          "G to_image, sub-pixel convolution",
+                          "G to_image, sub-pixel matrix product"]
+    assert len(names) == 7 and all(float(t) > 0 for _, *times in rows[1:] for t in times)
