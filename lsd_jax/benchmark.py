@@ -261,8 +261,9 @@ def apply_config_overrides(config, overrides: Sequence[str]):
 def builder_config_fields(dataset_name: str) -> dict[str, Any]:
     """{field: default} of the builder config of a TFDS dataset `name[/config]`: the fields that
     `config_overrides` may set (the builder's own, not TFDS's name/version/description...)."""
-    import tensorflow_datasets as tfds
+    from lsd_jax.tf_quiet import import_tensorflow_datasets
 
+    tfds = import_tensorflow_datasets()
     import lsd_jax.data.datasets  # noqa: F401  (registers our builders with TFDS)
 
     base_name, _, config_name = dataset_name.partition("/")
@@ -865,8 +866,9 @@ class _DropRepeatedDatasetNotes:
 
 def quiet_console() -> None:
     """The benchmark's progress lines, not the libraries' repeated notes and progress bars."""
-    import tensorflow_datasets as tfds
+    from lsd_jax.tf_quiet import import_tensorflow_datasets
 
+    tfds = import_tensorflow_datasets()
     logging.getLogger("absl").addFilter(_DropRepeatedDatasetNotes())
     tfds.disable_progress_bar()  # datasets generated on first use announce themselves anyway
 

@@ -19,6 +19,7 @@ def run_config_command(name: str, define_flags: Callable[[], None],
     from ml_collections import config_flags
 
     from lsd_jax.errors import UserError
+    from lsd_jax.tf_quiet import import_tensorflow_datasets
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py), "
                                     "optionally with an argument.", lock_config=True)
@@ -49,6 +50,7 @@ def run_config_command(name: str, define_flags: Callable[[], None],
         # What the libraries log at INFO (files read, a dataset generated) stays quiet; the
         # command prints its own progress. A custom builder config is what overrides ask for.
         logging.set_verbosity(logging.WARNING)
+        import_tensorflow_datasets()
         logging.get_absl_handler().addFilter(lambda record: not str(record.msg).startswith(
             "Using custom data configuration"))
         if len(argv) > 1:

@@ -72,8 +72,11 @@ def _run(config, workdir: str | None, mode: str) -> int:
     if not workdir:
         raise UsageError(f"--workdir is required for --mode {mode}")
 
+    from lsd_jax.tf_quiet import import_tensorflow_datasets
+
+    tfds = import_tensorflow_datasets()  # first, before the modules below import tensorflow
+
     import jax
-    import tensorflow_datasets as tfds
 
     from lsd_jax import distributed, reporting, train
 
