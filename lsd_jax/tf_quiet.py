@@ -40,17 +40,13 @@ def import_tensorflow_datasets() -> ModuleType:
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, io.UnsupportedOperation):  # stderr is not a file (e.g. captured)
-        import tensorflow  # noqa: F401
-        import tensorflow_datasets
-        return tensorflow_datasets
+        return _import_both()
     sys.stderr.flush()
     saved = os.dup(fd)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), fd)
         try:
-            # tensorflow_datasets loads tensorflow lazily, on first use: load it now.
-            import tensorflow  # noqa: F401
-            import tensorflow_datasets
+            tfds = _import_both()
         finally:
             sys.stderr.flush()
             os.dup2(saved, fd)
@@ -58,4 +54,11 @@ def import_tensorflow_datasets() -> ModuleType:
             captured.seek(0)
             sys.stderr.write(drop_startup_notices(captured.read().decode(errors="replace")))
             sys.stderr.flush()
+    return tfds
+
+
+def _import_both() -> ModuleType:
+    # tensorflow_datasets loads tensorflow lazily, on first use: load it now.
+    import tensorflow  # noqa: F401
+    import tensorflow_datasets
     return tensorflow_datasets
