@@ -5,13 +5,14 @@
 # in-memory arrays. Compiling one 1024x512 iteration takes 65-85 s on an H200, so each row
 # times 5 iterations after 2 warm-ups and the PyTorch peer runs beside it, same size and card.
 #
-#   bash benchmarks/gpu_suite.sh [OUT_DIR]     # OUT_DIR/gpu_steps.jsonl, kernel_forms.jsonl, log
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]     # OUT_DIR/gpu_steps.jsonl, kernel_forms.jsonl,
+#                                              # trace.*.json.gz (Perfetto), gpu_suite.log
 #   PEER_SCRIPT=path/to/torch_lsd_step.py      # default: ../shared/peer/torch_lsd_step.py
 #
 # Rows, all at 1024x512, 1 source + 1 target image, alternating, composed, CPU-tuned kernels
 # (measured faster than XLA's plain forms on an H200 too, docs/benchmarks.md):
-#  1. float32 (TF32 convolutions) against the peer --tf32, profiled;
-#  2. bfloat16 against the peer --amp bf16, with peak memory, profiled;
+#  1. float32 (TF32 convolutions) against the peer --tf32, profiled, the trace kept;
+#  2. bfloat16 against the peer --amp bf16, with peak memory, profiled, the trace kept;
 #  3. the 3-channel layers alone, both dtypes (benchmarks/first_layers.py);
 #  4. bfloat16 batch 4; 5. float32 simultaneous mode;
 #  6. each tuned kernel against its plain form (benchmarks/kernel_forms.py), bfloat16.
@@ -59,9 +60,9 @@ export OUT JSON PEER_SCRIPT
 export -f step kernels
 
 run "1 f32 b1"   100 step --batch 1 --modes alternating --dtype float32 \
-    --peer --peer-args="--tf32" --profile-top 12
+    --peer --peer-args="--tf32" --profile-top 12 --keep-trace "$OUT/trace"
 run "2 bf16 b1"  110 step --batch 1 --modes alternating --dtype bfloat16 \
-    --peer --peer-args="--amp bf16" --profile-top 12
+    --peer --peer-args="--amp bf16" --profile-top 12 --keep-trace "$OUT/trace"
 run "3 first layers" 40 bash -c "python benchmarks/first_layers.py --dtype float32 &&
     python benchmarks/first_layers.py --dtype bfloat16"
 run "4 bf16 b4"  100 step --batch 4 --modes alternating --dtype bfloat16

@@ -183,9 +183,13 @@ def bench_one(config, mesh, mode, updates_kind, states0, batch, args):
     if args.profile_top:
         k = jax.random.fold_in(key, args.warmup + args.iters)
         try:
+            keep = args.keep_trace and (f"{args.keep_trace}.{args.dtype}.{mode}."
+                                        f"{updates_kind}.json.gz")
             row["profile_top_ms"] = profile_top_ops(lambda: block(run(states, batch, k)),
                                                     args.profile_top,
-                                                    [c.as_text() for c in programs])
+                                                    [c.as_text() for c in programs], keep)
+            if keep:
+                row["trace"] = keep
         except Exception as e:  # noqa: BLE001 - a failed trace must not lose the timings
             row["profile_error"] = f"{type(e).__name__}: {e}"
     return row
@@ -232,31 +236,55 @@ def describe_hlo_ops(hlo_texts):
     return {name: what for name, what in out.items() if seen[name] == 1}
 
 
-def profile_top_ops(run_once, top, hlo_texts=()):
+def profile_top_ops(run_once, top, hlo_texts=(), keep_trace=None):
     """Runs one iteration under jax.profiler and returns its `top` most expensive ops as
-    (name, milliseconds, what it computes): XLA fusions/thunks on the CPU, kernels on a GPU."""
+    (name, milliseconds, what it computes): XLA fusions/thunks on the CPU, kernels on a GPU.
+    keep_trace: a path to copy the trace to (Perfetto JSON, gzipped), for a closer look."""
     trace_dir = tempfile.mkdtemp(prefix="lsd_profile_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         run_once()
     [path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if keep_trace:
+        shutil.copy(path, keep_trace)
     with gzip.open(path) as f:
         trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    total, first_args = collections.Counter(), {}
-    for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS):
-            total[e["name"]] += e.get("dur", 0) / 1e3
-            first_args.setdefault(e["name"], e.get("args") or {})
     shutil.rmtree(trace_dir, ignore_errors=True)
-    what = describe_hlo_ops(hlo_texts)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return top_ops(events, top, describe_hlo_ops(hlo_texts))
+
+
+# Event arguments that tie a GPU kernel to the host-side events of the same launch.
+_LINK_ARGS = ("hlo_op", "correlation_id", "scope_range_id")
+
+
+def top_ops(events, top, what):
+    """The `top` most expensive complete events of a trace (ms, summed by name), each with what
+    it computes: `what` maps HLO instruction names to descriptions (describe_hlo_ops). A CPU
+    event is named by its instruction. A GPU kernel is not: it is described by the instruction
+    its `hlo_op` argument names, or by an instruction-named event sharing its correlation or
+    scope-range id, else by its own arguments."""
+    total, first_args, linked = collections.Counter(), {}, {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        args = e.get("args") or {}
+        op = e["name"].lstrip("%")
+        if op in what:
+            for key in _LINK_ARGS[1:]:
+                if key in args:
+                    linked.setdefault((key, str(args[key])), op)
+        if not e["name"].startswith(_NOT_OPS):
+            total[e["name"]] += e.get("dur", 0) / 1e3
+            first_args.setdefault(e["name"], args)
 
     def describe(name):
         if what.get(name):  # the CPU: events are named by their HLO instruction
             return what[name]
-        # A GPU kernel: its event's annotations, which may name the launching HLO instruction
-        # (jax 0.11.2 on an H200 recorded only correlation ids).
-        op = first_args[name].get("hlo_op")
-        return f"{op}: {what.get(op, '')}".rstrip(": ") if op else str(first_args[name])[:300]
+        args = first_args[name]
+        op = args.get("hlo_op") or next(
+            (linked[(key, str(args[key]))] for key in _LINK_ARGS[1:]
+             if (key, str(args.get(key))) in linked), None)
+        return f"{op}: {what.get(op, '')}".rstrip(": ") if op else str(args)[:300]
     return [(name, round(ms, 1), describe(name)) for name, ms in total.most_common(top)]
 
 
@@ -309,6 +337,9 @@ def main():
                     help="only compile: compile time, FLOPs and XLA's memory estimate")
     ap.add_argument("--profile-top", type=int, default=0, metavar="N",
                     help="profile one more iteration and report its N most expensive ops")
+    ap.add_argument("--keep-trace", default=None, metavar="PREFIX",
+                    help="with --profile-top: keep each profiled trace as "
+                    "PREFIX.DTYPE.MODE.UPDATES.json.gz (Perfetto JSON)")
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
     ap.add_argument("--peer-script", default=DEFAULT_PEER)
     ap.add_argument("--peer-args", default="", help='e.g. "--tf32" or "--amp bf16"')

@@ -2,6 +2,7 @@
 benchmarks/kernel_forms.py finds every tuned kernel of the iteration, and times the right pairs."""
 
 import collections
+import gzip
 import json
 import math
 import os
@@ -52,6 +53,25 @@ def test_hlo_ops_are_described_by_their_jax_op_or_root():
     assert "dot.2" not in step_time.describe_hlo_ops([HLO, HLO])
 
 
+def test_gpu_kernels_are_tied_to_the_instruction_that_launched_them():
+    what = {"custom-call.3": "bf16[1,64,96,3]  jit(step)/G/to_image/dot_general",
+            "fusion.1": "f32[8]  jit(step)/D/add"}
+    kernel = {"ph": "X", "name": "sm90_xmma_wgrad", "dur": 2000}
+    events = [
+        {**kernel, "args": {"correlation_id": "17", "scope_range_id": "5"}},
+        {**kernel, "args": {"correlation_id": "18"}},  # the same kernel, launched again
+        {"ph": "X", "name": "custom-call.3", "dur": 2500, "args": {"scope_range_id": "5"}},
+        {"ph": "X", "name": "loop_kernel", "dur": 1000, "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "name": "other_kernel", "dur": 500, "args": {"correlation_id": "99"}},
+        {"ph": "i", "name": "fusion.1", "args": {"correlation_id": "99"}},  # not a span
+    ]
+    assert step_time.top_ops(events, 4, what) == [
+        ("sm90_xmma_wgrad", 4.0, "custom-call.3: " + what["custom-call.3"]),
+        ("custom-call.3", 2.5, what["custom-call.3"]),
+        ("loop_kernel", 1.0, "fusion.1: " + what["fusion.1"]),
+        ("other_kernel", 0.5, "{'correlation_id': '99'}")]
+
+
 @pytest.mark.parametrize("variant, images", [("lsd", 6), ("adaptsegnet", 6),
                                              ("source_only", 3)])
 def test_images_per_second_count_the_images_a_method_reads(variant, images):
@@ -65,7 +85,8 @@ def test_step_time_runs_and_profiles_a_tiny_iteration(tmp_path):
     subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "step_time.py"), "--height", "32",
          "--width", "64", "--model-width", "0.0625", "--modes", "simultaneous", "--updates",
-         "composed", "--iters", "1", "--warmup", "1", "--profile-top", "5", "--json", str(out)],
+         "composed", "--iters", "1", "--warmup", "1", "--profile-top", "5", "--json", str(out),
+         "--keep-trace", str(tmp_path / "trace")],
         check=True, env=subprocess_env(), cwd=tmp_path, capture_output=True, timeout=600)
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["mode"] == "simultaneous" and row["num_devices"] == 1
@@ -80,6 +101,9 @@ def test_step_time_runs_and_profiles_a_tiny_iteration(tmp_path):
     assert len(row["profile_top_ms"]) == 5, row.get("profile_error")
     assert any("FCN8s" in what or "Generator" in what or "Discriminator" in what
                for _, _, what in row["profile_top_ms"])
+    assert row["trace"] == str(tmp_path / "trace.float32.simultaneous.composed.json.gz")
+    with gzip.open(row["trace"]) as f:
+        assert json.load(f)["traceEvents"]
 
 
 @pytest.mark.slow
