@@ -13,7 +13,8 @@
 # (measured faster than XLA's plain forms on an H200 too, docs/benchmarks.md):
 #  1. float32 (TF32 convolutions) against the peer --tf32, profiled, the trace kept;
 #  2. bfloat16 against the peer --amp bf16, with peak memory, profiled, the trace kept;
-#  3. the 3-channel layers alone, both dtypes (benchmarks/first_layers.py);
+#  3. the 3-channel layers alone (F, D, G and DeepLab's conv1), each form, both dtypes
+#     (benchmarks/first_layers.py);
 #  4. bfloat16 batch 4; 5. float32 simultaneous mode;
 #  6. each tuned kernel against its plain form (benchmarks/kernel_forms.py), bfloat16.
 # A row that fails (out of memory, say) is logged with its exit status and the suite goes on;

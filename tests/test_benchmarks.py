@@ -19,6 +19,7 @@ from train_helpers import REPO_ROOT, subprocess_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
+import first_layers  # noqa: E402
 import kernel_forms  # noqa: E402
 import step_time  # noqa: E402
 
@@ -154,4 +155,12 @@ def test_first_layers_times_every_form_of_each_layer():
     assert names[-3:] == ["G to_image 64->3 k8 s2 p100 (dilated)",
                           "G to_image, sub-pixel convolution",
                           "G to_image, sub-pixel matrix product"]
-    assert len(names) == 7 and all(float(t) > 0 for _, *times in rows[1:] for t in times)
+    assert len(names) == 9 and all(float(t) > 0 for _, *times in rows[1:] for t in times)
+
+
+def test_first_layers_candidate_strided_im2col_is_the_strided_convolution():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 13, 18, 3)).astype(np.float32)
+    k = rng.standard_normal((7, 7, 3, 5)).astype(np.float32)
+    np.testing.assert_allclose(first_layers.padded_strided_im2col(x, k, 2, 3),
+                               first_layers.conv(x, k, 2, 3), rtol=1e-5, atol=1e-4)
