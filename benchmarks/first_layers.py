@@ -5,8 +5,9 @@ A GPU profile of the 1024x512 iteration spends most of its time in one implicit-
 kernel that the profiler does not tie to a layer; the layers whose shapes suit tensor cores
 worst are the ones with 3 input or output channels: F's conv1_1 (3 -> 64, 3x3, padding 100),
 D's stem (3 -> 128, 4x4, stride 2, padding 2; its input gradient has 3 output channels),
-G's last layer (64 -> 3) and the DeepLab backbone's conv1 (3 -> 64, 7x7, stride 2). This times each alone, at the iteration's shapes, as
-d(output), d(input) and d(kernel) programs; G's last layer in each form the model can take.
+G's last layer (64 -> 3) and the DeepLab backbone's conv1 (3 -> 64, 7x7, stride 2). This
+times each alone, at the iteration's shapes, as d(output), d(input) and d(kernel) programs;
+G's last layer in each form the model can take.
 
     python benchmarks/first_layers.py --height 512 --width 1024 --dtype bfloat16
 """
@@ -35,22 +36,9 @@ def padded_valid(x, kernel, stride, padding):
 
 
 def padded_im2col(x, kernel, stride, padding):
-    """The padding as its own op, then one matrix product over k x k patches (stride 1)."""
-    assert stride == 1
-    return layers.conv_valid_im2col(layers.pad_spatial(x, padding), kernel)
-
-
-def padded_strided_im2col(x, kernel, stride, padding):
-    """A candidate form for strided 3-channel layers (not in the model): the padding as its own
-    op, then one matrix product over the k x k patches taken every `stride` pixels."""
-    x = layers.pad_spatial(x, padding)
-    k_h, k_w, c_in, c_out = kernel.shape
-    out_h, out_w = (x.shape[1] - k_h) // stride + 1, (x.shape[2] - k_w) // stride + 1
-    patches = jnp.stack([x[:, i:i + stride * (out_h - 1) + 1:stride,
-                           j:j + stride * (out_w - 1) + 1:stride]
-                         for i in range(k_h) for j in range(k_w)], axis=3)
-    patches = patches.reshape(*patches.shape[:3], k_h * k_w * c_in)
-    return jnp.dot(patches, kernel.reshape(k_h * k_w * c_in, c_out))
+    """The padding as its own op, then one matrix product over the k x k patches taken every
+    `stride` pixels (F's conv1_1 in the model; for a strided layer, a candidate form)."""
+    return layers.conv_valid_im2col(layers.pad_spatial(x, padding), kernel, stride)
 
 
 def sub_pixel(phase_matmul):
@@ -85,7 +73,7 @@ def main():
         "D stem 3->128 k4 s2 p2": (conv, (1, h, w, 3), (4, 4, 3, 128), 2, 2),
         "DeepLab conv1 3->64 k7 s2 p3": (conv, (1, h, w, 3), (7, 7, 3, 64), 2, 3),
         "DeepLab conv1, pad then strided im2col": (
-            padded_strided_im2col, (1, h, w, 3), (7, 7, 3, 64), 2, 3),
+            padded_im2col, (1, h, w, 3), (7, 7, 3, 64), 2, 3),
         "G to_image 64->3 k8 s2 p100 (dilated)": (
             layers.conv_transpose_dilated, to_image_input, (8, 8, 64, 3), 2, 100),
         "G to_image, sub-pixel convolution": (

@@ -254,7 +254,7 @@ def profile_top_ops(run_once, top, hlo_texts=(), keep_trace=None):
 
 
 # Event arguments that tie a GPU kernel to the host-side events of the same launch.
-_LINK_ARGS = ("hlo_op", "correlation_id", "scope_range_id")
+_LINK_ARGS = ("correlation_id", "scope_range_id")
 
 
 def top_ops(events, top, what):
@@ -270,7 +270,7 @@ def top_ops(events, top, what):
         args = e.get("args") or {}
         op = e["name"].lstrip("%")
         if op in what:
-            for key in _LINK_ARGS[1:]:
+            for key in _LINK_ARGS:
                 if key in args:
                     linked.setdefault((key, str(args[key])), op)
         if not e["name"].startswith(_NOT_OPS):
@@ -282,7 +282,7 @@ def top_ops(events, top, what):
             return what[name]
         args = first_args[name]
         op = args.get("hlo_op") or next(
-            (linked[(key, str(args[key]))] for key in _LINK_ARGS[1:]
+            (linked[(key, str(args[key]))] for key in _LINK_ARGS
              if (key, str(args.get(key))) in linked), None)
         return f"{op}: {what.get(op, '')}".rstrip(": ") if op else str(args)[:300]
     return [(name, round(ms, 1), describe(name)) for name, ms in total.most_common(top)]

@@ -50,12 +50,12 @@ def run_config_command(name: str, define_flags: Callable[[], None],
         # What the libraries log at INFO (files read, a dataset generated) stays quiet; the
         # command prints its own progress. A custom builder config is what overrides ask for.
         logging.set_verbosity(logging.WARNING)
-        import_tensorflow_datasets()
         logging.get_absl_handler().addFilter(lambda record: not str(record.msg).startswith(
             "Using custom data configuration"))
         if len(argv) > 1:
             print(f"{name}: unexpected arguments {argv[1:]}", file=sys.stderr)
             return 2
+        import_tensorflow_datasets()  # before the body imports it, without its start-up notices
         try:
             body(flags.FLAGS)
         except (UserError, OSError, ValueError) as error:

@@ -158,9 +158,9 @@ def test_first_layers_times_every_form_of_each_layer():
     assert len(names) == 9 and all(float(t) > 0 for _, *times in rows[1:] for t in times)
 
 
-def test_first_layers_candidate_strided_im2col_is_the_strided_convolution():
+def test_first_layers_strided_im2col_is_the_strided_convolution():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 13, 18, 3)).astype(np.float32)
     k = rng.standard_normal((7, 7, 3, 5)).astype(np.float32)
-    np.testing.assert_allclose(first_layers.padded_strided_im2col(x, k, 2, 3),
+    np.testing.assert_allclose(first_layers.padded_im2col(x, k, 2, 3),
                                first_layers.conv(x, k, 2, 3), rtol=1e-5, atol=1e-4)

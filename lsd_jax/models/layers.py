@@ -125,8 +125,9 @@ def _conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def conv_valid_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A VALID stride-1 convolution as one matrix product over k x k patches (im2col).
+def conv_valid_im2col(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """A VALID convolution as one matrix product over k x k patches (im2col), the patches
+    taken every `stride` pixels (the networks use stride 1).
 
     For the big-kernel, many-channel, small-map layer (F's fc6: 7x7, 512 -> 4096 on pool5):
     the patches are small (out_h * out_w rows of k*k*in, 4.5 MB at 128x256, 56 MB at 512x1024
@@ -137,9 +138,10 @@ def conv_valid_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Same result as a VALID `lax.conv_general_dilated`.
     """
     k_h, k_w, c_in, c_out = kernel.shape
-    out_h, out_w = x.shape[1] - k_h + 1, x.shape[2] - k_w + 1
-    patches = jnp.stack([x[:, i:i + out_h, j:j + out_w] for i in range(k_h) for j in range(k_w)],
-                        axis=3)
+    out_h, out_w = (x.shape[1] - k_h) // stride + 1, (x.shape[2] - k_w) // stride + 1
+    patches = jnp.stack([x[:, i:i + stride * (out_h - 1) + 1:stride,
+                           j:j + stride * (out_w - 1) + 1:stride]
+                         for i in range(k_h) for j in range(k_w)], axis=3)
     patches = patches.reshape(*patches.shape[:3], k_h * k_w * c_in)
     return jnp.dot(patches, kernel.reshape(k_h * k_w * c_in, c_out))
 
@@ -217,7 +219,7 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     NARROW_PHASE_CHANNELS outputs) on any backend but the CPU. Measured for G's to_image
     (64 -> 12 channels) at 1024x512 on an H200, kernel gradient: 11.1 ms float32 and 14.5 ms
     bfloat16 as cuDNN's convolution, 1.5 and 1.6 ms as the matrix product; on the 2-core CPU
-    the matrix product is the 6x slower form (docs/benchmarks.md).
+    the matrix product is the 13x slower form (docs/benchmarks.md).
     """
     if plain:
         return conv_transpose_dilated(x, kernel, stride, padding)
