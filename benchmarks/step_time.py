@@ -195,10 +195,6 @@ def bench_one(config, mesh, mode, updates_kind, states0, batch, args):
     return row
 
 
-# Trace events that time Python or the runtime around the ops, not the ops themselves.
-_NOT_OPS = ("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt", "ExecuteHelper")
-
-
 _HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -253,38 +249,41 @@ def profile_top_ops(run_once, top, hlo_texts=(), keep_trace=None):
     return top_ops(events, top, describe_hlo_ops(hlo_texts))
 
 
-# Event arguments that tie a GPU kernel to the host-side events of the same launch.
-_LINK_ARGS = ("correlation_id", "scope_range_id")
+# XLA names a fusion's GPU kernel after the fusion, with these characters as "_".
+_NOT_IN_KERNEL_NAMES = re.compile(r"[.\-]")
 
 
 def top_ops(events, top, what):
-    """The `top` most expensive complete events of a trace (ms, summed by name), each with what
-    it computes: `what` maps HLO instruction names to descriptions (describe_hlo_ops). A CPU
-    event is named by its instruction. A GPU kernel is not: it is described by the instruction
-    its `hlo_op` argument names, or by an instruction-named event sharing its correlation or
-    scope-range id, else by its own arguments."""
-    total, first_args, linked = collections.Counter(), {}, {}
+    """The `top` most expensive ops of a profiled iteration as (name, ms, what it computes),
+    summed by name: XLA's thunks on the CPU, named by their HLO instruction, or kernels on a GPU,
+    each described by the instruction it ran for. `what` maps instruction names to descriptions
+    (describe_hlo_ops); where it has none, the jax op path from the trace stands in. A kernel
+    that ran for several instructions names the one it took most time in and counts the rest."""
+    # A kernel replayed from a command buffer (a CUDA graph) names the command buffer in
+    # `hlo_op`, and no op path; its own name, that of the fusion it was compiled for, is the
+    # closest link left (identical fusions share the first one's kernel).
+    kernel_of = {_NOT_IN_KERNEL_NAMES.sub("_", op): op for op in what}
+    total, per_op, op_path = collections.Counter(), collections.defaultdict(collections.Counter), {}
     for e in events:
-        if e.get("ph") != "X":
-            continue
         args = e.get("args") or {}
-        op = e["name"].lstrip("%")
-        if op in what:
-            for key in _LINK_ARGS:
-                if key in args:
-                    linked.setdefault((key, str(args[key])), op)
-        if not e["name"].startswith(_NOT_OPS):
-            total[e["name"]] += e.get("dur", 0) / 1e3
-            first_args.setdefault(e["name"], args)
+        # Only the ops' own events name their instruction: XLA's thunks on the CPU; kernels,
+        # memsets and copies on a GPU, which also give the jax op path in `name`. The others time
+        # the runtime around them (Python, PjRt, thunk spans) or are a kernel's host-side launch
+        # record: named after the kernel but without its instruction, and a second count of it.
+        if e.get("ph") != "X" or "hlo_op" not in args:
+            continue
+        fusion = kernel_of.get(e["name"]) if "cuda_graph_id" in args else None
+        ms = e.get("dur", 0) / 1e3
+        total[e["name"]] += ms
+        per_op[e["name"]][args["hlo_op"], fusion] += ms
+        op_path.setdefault(args["hlo_op"], args.get("name"))
 
     def describe(name):
-        if what.get(name):  # the CPU: events are named by their HLO instruction
-            return what[name]
-        args = first_args[name]
-        op = args.get("hlo_op") or next(
-            (linked[(key, str(args[key]))] for key in _LINK_ARGS
-             if (key, str(args.get(key))) in linked), None)
-        return f"{op}: {what.get(op, '')}".rstrip(": ") if op else str(args)[:300]
+        (op, fusion), ms = per_op[name].most_common(1)[0]
+        label = "" if op == name else f"{op} (kernel of {fusion})" if fusion else op
+        if len(per_op[name]) > 1:
+            label += f" ({ms:.1f} ms; +{len(per_op[name]) - 1} more)"
+        return ": ".join(filter(None, (label, what.get(fusion or op) or op_path[op])))
     return [(name, round(ms, 1), describe(name)) for name, ms in total.most_common(top)]
 
 

@@ -54,23 +54,112 @@ def test_hlo_ops_are_described_by_their_jax_op_or_root():
     assert "dot.2" not in step_time.describe_hlo_ops([HLO, HLO])
 
 
-def test_gpu_kernels_are_tied_to_the_instruction_that_launched_them():
-    what = {"custom-call.3": "bf16[1,64,96,3]  jit(step)/G/to_image/dot_general",
-            "fusion.1": "f32[8]  jit(step)/D/add"}
-    kernel = {"ph": "X", "name": "sm90_xmma_wgrad", "dur": 2000}
+# A GPU trace of jax.profiler (Perfetto JSON) as it lays out one profiled iteration, trimmed
+# from one taken on an H200: host events (pid 701), kernels on a stream of the device (pid 1).
+CONV = ("void convolve_common_engine_float_NHWC<float, float, 1024, 5, 5, 3, 3, 3, false, false, "
+        "false, false, false>(int, int, int, float const*, float const*, int, float*, "
+        "conv_kernel_common_params, unsigned long long, unsigned long, float, float, bool, "
+        "float const*, float const*, bool, bool)")
+GEMM = ("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x128x32_warpgroupsize1x1x1_"
+        "execute_segment_k_off_kernel__5x_cublas")
+HOST, DEVICE = {"pid": 701, "tid": 1954928166}, {"pid": 1, "tid": 14}
+
+
+def gpu_kernel(name, ts, dur, correlation_id, hlo_op, op_path):
+    return {"ph": "X", **DEVICE, "ts": ts, "dur": dur, "name": name, "args": {
+        "context_id": "$$1", "correlation_id": correlation_id, "hlo_module": "jit_run_iteration",
+        "hlo_op": hlo_op, "kernel_details": "regs:64 static_shared:2304 dynamic_shared:0 "
+        "grid:144,16,1 block:8,8,1 occ_pct:50", "name": op_path, "occupancy_min_grid_size": "132",
+        "occupancy_suggested_block_size": "1024", "scope_range_id": "281474976711" + correlation_id,
+        "tf_op": "XlaModule:", "theoretical_occupancy_pct": "50",
+        "unique_hlo_op_id": "6055903887" + correlation_id}}
+
+
+def command_buffer_kernel(name, ts, dur, correlation_id, command_buffer, node):
+    return {"ph": "X", **DEVICE, "ts": ts, "dur": dur, "name": name, "args": {
+        "context_id": "$$1", "correlation_id": correlation_id, "cuda_graph_id": "173",
+        "cuda_graph_node_id": node, "hlo_module": "jit_run_iteration", "hlo_op": command_buffer,
+        "kernel_details": "regs:16 static_shared:0 dynamic_shared:0 grid:1742976,1,1 "
+        "block:128,1,1 occ_pct:100", "occupancy_min_grid_size": "264",
+        "occupancy_suggested_block_size": "1024", "scope_range_id": "281474976710" + correlation_id,
+        "tf_op": "XlaModule:", "theoretical_occupancy_pct": "100"}}
+
+
+UP4, UP3 = (f"jit(run_iteration)/transpose(jvp(Generator))/{layer}/conv_general_dilated"
+            for layer in ("up4", "up3"))
+GPU_TRACE = [
+    {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "pid": 701, "name": "process_name", "args": {"name": "/host:CPU"}},
+    {"ph": "M", "pid": 1, "tid": 14, "name": "thread_name",
+     "args": {"name": "Stream #14(MemcpyD2D,Compute,Memset)"}},
+    # The host: runtime spans, a thunk's span named by its instruction, launch records.
+    {"ph": "X", **HOST, "ts": 19355.1, "dur": 43560.9, "name": "PjitFunction(jit(run_iteration))"},
+    {"ph": "X", **HOST, "ts": 22780.9, "dur": 949.9, "name": "command_buffer::execute", "args": {
+        "_src": "external/xla+/xla/backends/gpu/runtime/command_buffer_thunk.cc", "device": "0",
+        "num_commands": "16", "num_executions": "1"}},
+    {"ph": "X", **HOST, "ts": 22798.5, "dur": 875.8, "name": "cuGraphLaunch (CudaGraph:173)",
+     "args": {"context_id": "$$1", "correlation_id": "212", "cuda_graph_id": "173",
+              "device_id": "0", "scope_range_id": "281474976710658"}},
+    {"ph": "X", **HOST, "ts": 44841.9, "dur": 30.9, "name": "cudnn-conv.349"},
+    {"ph": "X", **HOST, "ts": 44858.5, "dur": 12.2, "name": CONV, "args": {
+        "context_id": "$$1", "correlation_id": "741", "device_id": "0",
+        "scope_range_id": "281474976711235"}},
+    {"ph": "X", **HOST, "ts": 45210.3, "dur": 22.2, "name": "Memset", "args": {
+        "Memset_details": "kind:unknown num_bytes:4 async:1", "context_id": "$$1",
+        "correlation_id": "752", "device_id": "0", "scope_range_id": "281474976711244"}},
+    # The device: kernels that name their instruction, and kernels replayed from a command
+    # buffer, which name the command buffer instead.
+    command_buffer_kernel("loop_concatenate_fusion_3", 34335.5, 1048.2, "212", "command_buffer_544",
+                          "734439407623"),
+    command_buffer_kernel(GEMM, 117944.4, 573.1, "1293", "command_buffer_3245", "734439407909"),
+    gpu_kernel(CONV, 60418.9, 3354.5, "741", "cudnn-conv.349", UP4),
+    {"ph": "X", **DEVICE, "ts": 64460.1, "dur": 0.8, "name": "Memset 3", "args": {
+        "Memset_details": "kind:device num_bytes:4 async:1", "context_id": "$$1",
+        "correlation_id": "752", "hlo_module": "jit_run_iteration", "hlo_op": "cudnn-conv.344",
+        "name": UP3, "scope_range_id": "281474976711244", "tf_op": "XlaModule:",
+        "unique_hlo_op_id": "6055903887845"}},
+    gpu_kernel(CONV, 64464.9, 1401.4, "753", "cudnn-conv.344", UP3),
+]
+
+
+def test_top_ops_names_the_instruction_each_gpu_kernel_ran_for():
+    # Without the compiled HLO, the trace's own op path describes an instruction.
+    assert step_time.top_ops(GPU_TRACE, 4, {}) == [
+        (CONV, 4.8, f"cudnn-conv.349 (3.4 ms; +1 more): {UP4}"),
+        ("loop_concatenate_fusion_3", 1.0, "command_buffer_544"),
+        (GEMM, 0.6, "command_buffer_3245"),
+        ("Memset 3", 0.0, f"cudnn-conv.344: {UP3}")]
+    # With it, the instruction's description; a command buffer's kernel is tied to the fusion
+    # it was compiled for by its name.
+    what = {"cudnn-conv.349": "(f32[3,3,512,512]{3,2,1,0}, u8[0]{0})  " + UP4,
+            "loop_concatenate_fusion.3": "f32[1,356,612,1024]{3,2,1,0}  "
+                                         "jit(run_iteration)/Generator/to_image/concatenate"}
+    assert step_time.top_ops(GPU_TRACE, 2, what) == [
+        (CONV, 4.8, "cudnn-conv.349 (3.4 ms; +1 more): " + what["cudnn-conv.349"]),
+        ("loop_concatenate_fusion_3", 1.0, "command_buffer_544 (kernel of "
+         "loop_concatenate_fusion.3): " + what["loop_concatenate_fusion.3"])]
+
+
+def test_top_ops_on_the_cpu_are_the_thunks_named_by_their_instruction():
+    thunk = "external/xla/xla/backends/cpu/runtime/thunk_executor.cc"
     events = [
-        {**kernel, "args": {"correlation_id": "17", "scope_range_id": "5"}},
-        {**kernel, "args": {"correlation_id": "18"}},  # the same kernel, launched again
-        {"ph": "X", "name": "custom-call.3", "dur": 2500, "args": {"scope_range_id": "5"}},
-        {"ph": "X", "name": "loop_kernel", "dur": 1000, "args": {"hlo_op": "fusion.1"}},
-        {"ph": "X", "name": "other_kernel", "dur": 500, "args": {"correlation_id": "99"}},
-        {"ph": "i", "name": "fusion.1", "args": {"correlation_id": "99"}},  # not a span
+        {"ph": "X", "pid": 701, "tid": 3, "ts": 0.0, "dur": 9000.0, "name": "PjitFunction(step)"},
+        {"ph": "X", "pid": 701, "tid": 3, "ts": 1.0, "dur": 8000.0,
+         "name": "$stages.py:943 __call__"},
+        {"ph": "X", "pid": 701, "tid": 3, "ts": 2.0, "dur": 7000.0,
+         "name": "ThunkExecutor::Execute (wait for completion)"},
+        {"ph": "X", "pid": 701, "tid": 4, "ts": 3.0, "dur": 2500.0, "name": "convolution.3",
+         "args": {"_src": thunk, "device_ordinal": "0", "hlo_module": "jit_step",
+                  "hlo_op": "convolution.3", "run_id": "2028382510"}},
+        {"ph": "X", "pid": 701, "tid": 4, "ts": 2503.0, "dur": 0.3, "name": "end: convolution.3",
+         "args": {"_src": thunk}},
+        {"ph": "X", "pid": 701, "tid": 4, "ts": 2504.0, "dur": 1000.0, "name": "loop_fusion.8",
+         "args": {"_src": thunk, "device_ordinal": "0", "hlo_module": "jit_step",
+                  "hlo_op": "loop_fusion.8", "run_id": "2028382510"}},
     ]
-    assert step_time.top_ops(events, 4, what) == [
-        ("sm90_xmma_wgrad", 4.0, "custom-call.3: " + what["custom-call.3"]),
-        ("custom-call.3", 2.5, what["custom-call.3"]),
-        ("loop_kernel", 1.0, "fusion.1: " + what["fusion.1"]),
-        ("other_kernel", 0.5, "{'correlation_id': '99'}")]
+    what = {"convolution.3": "f32[1,32,64,4]{3,2,1,0}  jit(step)/F/conv1_2/conv_general_dilated"}
+    assert step_time.top_ops(events, 5, what) == [("convolution.3", 2.5, what["convolution.3"]),
+                                                  ("loop_fusion.8", 1.0, "")]
 
 
 @pytest.mark.parametrize("variant, images", [("lsd", 6), ("adaptsegnet", 6),
