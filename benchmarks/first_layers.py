@@ -7,10 +7,13 @@ worst are the ones with 3 input or output channels: F's conv1_1 (3 -> 64, 3x3, p
 D's stem (3 -> 128, 4x4, stride 2, padding 2; its input gradient has 3 output channels),
 G's last layer (64 -> 3) and the DeepLab backbone's conv1 (3 -> 64, 7x7, stride 2). This
 times each alone, at the iteration's shapes, as d(output), d(input) and d(kernel) programs;
-G's last layer in each form the model can take.
+G's last layer in each form the model can take. Also G's strided transposed convolutions
+up2-up5 (many channels, but their kernel gradients are a GPU profile's largest item), each as
+the sub-pixel phase convolution and as its matrix product.
 
     python benchmarks/first_layers.py --height 512 --width 1024 --dtype bfloat16
 """
+import math
 import argparse
 import os
 import statistics
@@ -23,6 +26,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lsd_jax.models import layers  # noqa: E402
+from lsd_jax.models.generator import G_STAGES  # noqa: E402
+
+# FCN-8s' skip inputs to G's stages (pool4, pool3 channels) and conv1_1's padding.
+G_SKIP_CHANNELS = {3: 512, 4: 256}
+FCN_PADDING = 100
 
 
 def conv(x, kernel, stride, padding):
@@ -48,6 +56,25 @@ def sub_pixel(phase_matmul):
         x, kernel, stride, padding, phase_matmul=phase_matmul)
 
 
+def g_layer_inputs(height, width):
+    """{name: (input shape, kernel shape, stride, padding)} of G's transposed convolutions
+    (up1-up5, to_image) at the full widths, for an FCN-8s fed height x width images: fc7 is
+    the padded image after five ceil-mode 2x2 pools and fc6's 7x7 VALID convolution."""
+    def fc7_size(n):
+        n += 2 * FCN_PADDING - 2  # conv1_1 (3x3 on the padded image), conv1_2 keeps the size
+        for _ in range(5):
+            n = math.ceil(n / 2)
+        return n - 6
+    h, w, channels = fc7_size(height), fc7_size(width), 4096
+    shapes = {}
+    for stage, (k, s, p, mult) in enumerate(G_STAGES, 1):
+        channels += G_SKIP_CHANNELS.get(stage, 0)
+        shapes[f"up{stage}"] = ((1, h, w, channels), (k, k, channels, 64 * mult), s, p)
+        h, w, channels = (h - 1) * s + k - 2 * p, (w - 1) * s + k - 2 * p, 64 * mult
+    shapes["to_image"] = ((1, h, w, channels), (8, 8, channels, 3), 2, 100)
+    return shapes
+
+
 def timed(fn, *args, iters=10):
     jax.block_until_ready(fn(*args))
     times = []
@@ -65,7 +92,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     h, w, dt = args.height, args.width, jnp.dtype(args.dtype)
-    to_image_input = (1, h // 2 + 97, w // 2 + 97, 64)
+    g_layers = g_layer_inputs(h, w)
     probes = {  # name: (function, input shape, kernel shape, stride, padding)
         "F conv1_1 3->64 k3 p100": (conv, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
         "F conv1_1, pad then VALID": (padded_valid, (1, h, w, 3), (3, 3, 3, 64), 1, 100),
@@ -75,12 +102,15 @@ def main():
         "DeepLab conv1, pad then strided im2col": (
             padded_im2col, (1, h, w, 3), (7, 7, 3, 64), 2, 3),
         "G to_image 64->3 k8 s2 p100 (dilated)": (
-            layers.conv_transpose_dilated, to_image_input, (8, 8, 64, 3), 2, 100),
-        "G to_image, sub-pixel convolution": (
-            sub_pixel(phase_matmul=False), to_image_input, (8, 8, 64, 3), 2, 100),
-        "G to_image, sub-pixel matrix product": (
-            sub_pixel(phase_matmul=True), to_image_input, (8, 8, 64, 3), 2, 100),
+            layers.conv_transpose_dilated, *g_layers["to_image"]),
+        "G to_image, sub-pixel convolution": (sub_pixel(False), *g_layers["to_image"]),
+        "G to_image, sub-pixel matrix product": (sub_pixel(True), *g_layers["to_image"]),
     }
+    for layer in ("up2", "up3", "up4", "up5"):  # up1 has stride 1: col2im, no phases
+        x_shape, k_shape, s, p = g_layers[layer]
+        name = f"G {layer} {k_shape[2]}->{k_shape[3]} k{k_shape[0]} s{s} p{p}"
+        probes[f"{name}, sub-pixel convolution"] = (sub_pixel(False), x_shape, k_shape, s, p)
+        probes[f"{name}, sub-pixel matrix product"] = (sub_pixel(True), x_shape, k_shape, s, p)
     rng = np.random.default_rng(0)
     print(f"{jax.devices()[0].device_kind}, {args.dtype}, ms per call (median of 10)")
     print("| layer | forward | d input | d kernel |")

@@ -54,7 +54,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import default as default_config  # noqa: E402
 from lsd_jax import methods, parallel  # noqa: E402
-from lsd_jax.models import VGG_MEAN_BGR  # noqa: E402
+from lsd_jax.models import VGG_MEAN_BGR, layers  # noqa: E402
 
 DEFAULT_PEER = os.path.join(REPO_ROOT, "..", "shared", "peer", "torch_lsd_step.py")
 
@@ -327,6 +327,10 @@ def main():
     ap.add_argument("--plain-kernels", action="store_true",
                     help="config.model.plain_kernels: XLA's plain pools, fc6/fc7 and transposed "
                     "convolutions instead of the CPU-tuned forms")
+    ap.add_argument("--phase-matmul-channels", type=int, default=None, metavar="N",
+                    help="on an accelerator, compute a sub-pixel phase convolution with at most "
+                    "N outputs as a matrix product (layers.NARROW_PHASE_CHANNELS; default: the "
+                    "model's)")
     ap.add_argument("--remat-f", action="store_true")
     ap.add_argument("--remat-g", action="store_true")
     ap.add_argument("--iters", type=int, default=5)
@@ -364,6 +368,8 @@ def main():
     config.model.plain_kernels = args.plain_kernels
     config.model.remat_f = args.remat_f
     config.model.remat_g = args.remat_g
+    if args.phase_matmul_channels is not None:  # read when the networks are traced
+        layers.NARROW_PHASE_CHANNELS = args.phase_matmul_channels
     mesh = parallel.make_mesh(args.num_devices)
     parallel.check_batch_divisible(args.batch, mesh)
     method = methods.build(config)
@@ -383,6 +389,7 @@ def main():
               "batch": args.batch, "model_width": args.model_width, "dtype": args.dtype,
               "matmul_precision": args.matmul_precision, "remat_f": args.remat_f,
               "remat_g": args.remat_g, "plain_kernels": args.plain_kernels,
+              "phase_matmul_channels": layers.NARROW_PHASE_CHANNELS,
               "command": " ".join(sys.argv)}
     rows = []
     for mode in args.modes.split(","):
@@ -403,8 +410,9 @@ def main():
           f"{config.model.backbone}, source {common['source_size'][0]}x{common['source_size'][1]}, target "
           f"{args.height}x{args.width}, batch {args.batch}+"
           f"{args.batch}, width {args.model_width}, {args.dtype}, precision "
-          f"{args.matmul_precision}, {'plain' if args.plain_kernels else 'tuned'} kernels, "
-          f"jax {jax.__version__}")
+          f"{args.matmul_precision}, {'plain' if args.plain_kernels else 'tuned'} kernels (phase "
+          f"convolutions of <= {layers.NARROW_PHASE_CHANNELS} outputs as matrix products off the "
+          f"CPU), jax {jax.__version__}")
     print("| mode | updates | compile s | s/iter | images/s | GFLOP/iter | XLA GFLOP | TFLOP/s | MFU | "
           "peak mem GiB | XLA mem est. GiB | peer s/iter | peer peak GiB | speedup |")
     print("|---" * 14 + "|")

@@ -37,6 +37,7 @@ from lsd_jax import methods
 from lsd_jax.methods import lsd
 from lsd_jax.models import Discriminator, FCN8s, Generator
 from lsd_jax.models import layers
+from lsd_jax.models.generator import G_STAGES
 
 pytestmark = pytest.mark.slow  # compiled and eager gradients of whole networks, float64 included
 
@@ -163,10 +164,14 @@ def test_cpu_tuned_kernels_match_plain_xla_operations_in_compiled_gradients(name
                      f"{name}: tuned kernels against plain XLA, float64", FLOAT64_TOLERANCE)
 
 
-def test_accelerator_forms_match_plain_xla_operations_in_compiled_gradients(monkeypatch):
-    """On a GPU, G's to_image computes its phase convolution as a matrix product; the same
-    checks, run here by making the layers believe they are on an accelerator."""
+@pytest.mark.parametrize("phase_matmul_channels", [layers.NARROW_PHASE_CHANNELS, 10**9])
+def test_accelerator_forms_match_plain_xla_operations_in_compiled_gradients(
+        monkeypatch, phase_matmul_channels):
+    """On a GPU, G's to_image (and, given a wider limit, every strided transposed convolution)
+    computes its phase convolution as a matrix product; the same checks, run here by making
+    the layers believe they are on an accelerator."""
     monkeypatch.setattr(layers, "on_accelerator", lambda: True)
+    monkeypatch.setattr(layers, "NARROW_PHASE_CHANNELS", phase_matmul_channels)
     phase_products = []
     im2col = layers.conv_valid_im2col
     monkeypatch.setattr(layers, "conv_valid_im2col",
@@ -175,6 +180,15 @@ def test_accelerator_forms_match_plain_xla_operations_in_compiled_gradients(monk
         tuned = network_grads("G", dtype=jnp.float64)
         # to_image's 2 x 2 phases of 3 channels, 4 x 4 taps over G's last 64 * width maps.
         assert (4, 4, layers.scaled(64, NETWORK_WIDTH), 12) in phase_products
+        # G's stride-2 layers (up2-up5, to_image; up1 has stride 1) with at most that many
+        # phase outputs (2 x 2 phases of c channels), all five with the wide limit, are
+        # products; the others are not. (F's layers use products too: its conv1_1 and fc6/fc7
+        # always, its frozen upsamplings with the wide limit.)
+        ngf = layers.scaled(64, NETWORK_WIDTH)
+        outputs = [ngf * mult for _, s, _, mult in G_STAGES if s == 2] + [3]
+        product_outputs = {shape[-1] for shape in phase_products}
+        assert [4 * c in product_outputs for c in outputs] == [
+            4 * c <= phase_matmul_channels for c in outputs]
         assert_close(tuned, network_grads("G", dtype=jnp.float64, plain=True),
                      "G: accelerator forms against plain XLA, float64", FLOAT64_TOLERANCE)
     assert_close(network_grads("G"), network_grads("G", compiled=False),
