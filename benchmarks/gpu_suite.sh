@@ -8,15 +8,18 @@
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]     # OUT_DIR/gpu_steps.jsonl, kernel_forms.jsonl,
 #                                              # trace.*.json.gz (Perfetto), gpu_suite.log
 #   PEER_SCRIPT=path/to/torch_lsd_step.py      # default: ../shared/peer/torch_lsd_step.py
+#   ROWS="3 7 8"                               # only these rows (default: all, in order)
 #
 # Rows, all at 1024x512, 1 source + 1 target image, alternating, composed, CPU-tuned kernels
 # (measured faster than XLA's plain forms on an H200 too, docs/benchmarks.md):
 #  1. float32 (TF32 convolutions) against the peer --tf32, profiled, the trace kept;
 #  2. bfloat16 against the peer --amp bf16, with peak memory, profiled, the trace kept;
-#  3. the 3-channel layers alone (F, D, G and DeepLab's conv1), each form, both dtypes
-#     (benchmarks/first_layers.py);
+#  3. the 3-channel layers and G's strided transposed convolutions alone, each form, both
+#     dtypes (benchmarks/first_layers.py);
 #  4. bfloat16 batch 4; 5. float32 simultaneous mode;
-#  6. each tuned kernel against its plain form (benchmarks/kernel_forms.py), bfloat16.
+#  6. each tuned kernel against its plain form (benchmarks/kernel_forms.py), bfloat16;
+#  7, 8. float32 and bfloat16 with every sub-pixel phase convolution as a matrix product (the
+#     candidate for G's up2-up5 kernel gradients, docs/benchmarks.md, fourth lease), profiled.
 # A row that fails (out of memory, say) is logged with its exit status and the suite goes on;
 # a row is not started when less than its usual time is left.
 set -u
@@ -38,8 +41,9 @@ python -c "import jax; assert jax.devices()[0].platform == 'gpu', jax.devices()"
   python -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)"
   date -u +%FT%TZ; } | tee -a "$LOG"
 
-run() {  # label, seconds the row needs at least, command...
+run() {  # label (its first word the row's number), seconds the row needs at least, command...
   local label=$1 need=$2; shift 2
+  if [[ -n ${ROWS:-} && " $ROWS " != *" ${label%% *} "* ]]; then return; fi
   local left=$((BUDGET_S - (SECONDS - START)))
   if ((left < need)); then
     echo "--- $label: skipped, ${left}s left of ${BUDGET_S}s" | tee -a "$LOG"; return
@@ -69,4 +73,8 @@ run "3 first layers" 40 bash -c "python benchmarks/first_layers.py --dtype float
 run "4 bf16 b4"  100 step --batch 4 --modes alternating --dtype bfloat16
 run "5 f32 b1 simultaneous" 90 step --batch 1 --modes simultaneous --dtype float32
 run "6 kernels bf16" 40 kernels --dtype bfloat16
+run "7 f32 b1 phase products" 100 step --batch 1 --modes alternating --dtype float32 \
+    --phase-matmul-channels 4096 --profile-top 12 --keep-trace "$OUT/products"
+run "8 bf16 b1 phase products" 110 step --batch 1 --modes alternating --dtype bfloat16 \
+    --phase-matmul-channels 4096 --profile-top 12 --keep-trace "$OUT/products"
 echo "done in $((SECONDS - START))s; results: $JSON $OUT/kernel_forms.jsonl" | tee -a "$LOG"
