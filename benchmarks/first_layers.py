@@ -13,24 +13,19 @@ the sub-pixel phase convolution and as its matrix product.
 
     python benchmarks/first_layers.py --height 512 --width 1024 --dtype bfloat16
 """
-import math
 import argparse
 import os
 import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lsd_jax.models import layers  # noqa: E402
-from lsd_jax.models.generator import G_STAGES  # noqa: E402
-
-# FCN-8s' skip inputs to G's stages (pool4, pool3 channels) and conv1_1's padding.
-G_SKIP_CHANNELS = {3: 512, 4: 256}
-FCN_PADDING = 100
+from lsd_jax.models import FCN8s, Generator, layers  # noqa: E402
 
 
 def conv(x, kernel, stride, padding):
@@ -58,20 +53,26 @@ def sub_pixel(phase_matmul):
 
 def g_layer_inputs(height, width):
     """{name: (input shape, kernel shape, stride, padding)} of G's transposed convolutions
-    (up1-up5, to_image) at the full widths, for an FCN-8s fed height x width images: fc7 is
-    the padded image after five ceil-mode 2x2 pools and fc6's 7x7 VALID convolution."""
-    def fc7_size(n):
-        n += 2 * FCN_PADDING - 2  # conv1_1 (3x3 on the padded image), conv1_2 keeps the size
-        for _ in range(5):
-            n = math.ceil(n / 2)
-        return n - 6
-    h, w, channels = fc7_size(height), fc7_size(width), 4096
+    (up1-up5, to_image) at the full widths, for height x width images: read off the networks
+    themselves, traced abstractly (no arrays are made)."""
     shapes = {}
-    for stage, (k, s, p, mult) in enumerate(G_STAGES, 1):
-        channels += G_SKIP_CHANNELS.get(stage, 0)
-        shapes[f"up{stage}"] = ((1, h, w, channels), (k, k, channels, 64 * mult), s, p)
-        h, w, channels = (h - 1) * s + k - 2 * p, (w - 1) * s + k - 2 * p, 64 * mult
-    shapes["to_image"] = ((1, h, w, channels), (8, 8, channels, 3), 2, 100)
+
+    def record(call, args, kwargs, context):
+        module = context.module
+        if isinstance(module, layers.ConvTranspose) and context.method_name == "__call__":
+            x_shape, k = args[0].shape, module.kernel_size
+            shapes[module.name] = (x_shape, (k, k, x_shape[-1], module.features),
+                                   module.stride, module.padding)
+        return call(*args, **kwargs)
+
+    image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+    fcn = FCN8s()
+    fcn_vars = jax.eval_shape(lambda x: fcn.init(jax.random.key(0), x, train=False), image)
+    _, fc7, pool4, pool3 = jax.eval_shape(
+        lambda v, x: fcn.apply(v, x, train=False), fcn_vars, image)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda *features: Generator().init(jax.random.key(0), *features,
+                                                          train=False), fc7, pool4, pool3)
     return shapes
 
 
