@@ -104,8 +104,7 @@ def where_results_are(workdir: str, summary: dict) -> str:
     return (f"mIoU {evaluate.format_percent(summary['miou'])} % on {summary['dataset']}:"
             f"{summary['split']} at step {summary['step']}.\n"
             f"  per-class table: {results}\n"
-            f"  curves and pictures (training images, G's reconstructions, predictions beside "
-            f"labels): tensorboard --logdir {workdir}")
+            f"  curves and pictures: tensorboard --logdir {workdir}")
 
 
 # ----------------------------------------------------------------------------- flags

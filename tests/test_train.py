@@ -255,6 +255,26 @@ def test_every_config_and_variant_is_valid(name, variant):
         config.optim.f_llr = 1.0  # locked: a misspelled field is an error
 
 
+def test_the_synthetic_demo_is_the_lsd_recipe_on_the_effects_only_target_and_short():
+    """`--config configs/synthetic.py` (no argument) is the 5-minute demo: `:lsd` with the
+    effects-only shift on every set read from the target (not on the source), 300 iterations;
+    the benchmark's `:lsd` keeps the default target."""
+    demo, lsd = load_config_file("synthetic"), load_config_file("synthetic", "lsd")
+    preflight.check_config(demo)
+    preflight.check_selection_is_not_eval(demo.data)
+    assert demo.method == "lsd" and demo.loss.reduction == "mean"
+    shift = {"palette": "game", "texture": 0.4, "lighting": 0.9, "noise": 20.0, "blur": 1.5}
+    for field in ("target", "selection", "eval"):
+        assert demo.data[field].config_overrides.to_dict() == shift
+        assert not lsd.data[field].config_overrides
+    assert not demo.data.source.config_overrides
+    assert (demo.train.num_steps, demo.optim.lr_decay_steps) == (300, 200)
+    assert demo.train.eval_every == demo.checkpoint.every == 300
+    differing = {k for k, v in checkpoint.flatten_config(demo).items()
+                 if checkpoint.flatten_config(lsd).get(k) != v}
+    assert {k.split(".")[0] for k in differing} <= {"data", "train", "optim", "checkpoint"}
+
+
 @pytest.mark.parametrize("name", ["gta_deeplab", "synthia_deeplab"])
 @pytest.mark.parametrize("variant", ["adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls",
                                      "advent", "minent", "source_only", "target_only"])
