@@ -25,6 +25,7 @@ training images.
 
 import ml_collections
 
+from lsd_jax.benchmark import with_target_overrides
 from lsd_jax.config_files import load_sibling
 
 HELD_OUT = 100  # target train scenes kept for model selection (of 1,000)
@@ -111,8 +112,7 @@ def demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     adapting to the effects-only target; one evaluation of the selection slice and one of the
     target validation set at the end. Measured there: 4m13s, data generation included, and
     27.75% target mIoU (README.md, "The embedded demo")."""
-    for field in ("target", "selection", "eval"):
-        config.data[field].config_overrides = dict(EFFECTS_SHIFT)
+    with_target_overrides(config, EFFECTS_SHIFT)  # as the benchmark's --target flags do
     config.train.num_steps = 300
     config.optim.lr_decay_steps = 200
     config.train.log_every = 25
