@@ -176,6 +176,7 @@ def as_torch(x):
     return torch.from_numpy(np.asarray(x, np.float32).transpose(0, 3, 1, 2).copy())
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_encoder_losses_match_pytorch_transcriptions():
     """FCAN's RAN (tied): 5 x CE - D's loss, D the ASPP discriminator on fc7; ADDA (untied):
     -log D(M_t(x_t)), D the pixel discriminator on M_t's fc7 against M_s's."""
@@ -212,6 +213,7 @@ def test_encoder_losses_match_pytorch_transcriptions():
 
 # ----------------------------------------------------------------------------- the updates
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_each_update_changes_its_own_network_and_no_other():
     """Tied (FCAN's RAN, alternating): S and D both learn. Untied (ADDA, simultaneous): the
     target encoder learns, C and the source network stay as they were."""
@@ -251,6 +253,7 @@ def grads_of_s_loss(variant, d_params=None, **fields):
         jax.random.key(1))[0]))(with_scores(states["f"].params))
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_d_gate_and_the_source_term():
     """ADDA's safeguards: a closed gate (D's accuracy at or below d_gate) removes the adversarial
     gradient; the source term gives one of its own."""
@@ -285,6 +288,7 @@ def test_untied_training_starts_both_encoders_from_the_imported_f(monkeypatch):
     assert trees_differ(imported["f"].params, states["f"].params)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_losses_fall_when_overfitting_a_batch():
     _, states, compiled = built("fcan_ran")
     batch = learnable_batch()
@@ -350,6 +354,7 @@ def statistics_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_fcn_wild_adds_the_size_term_with_the_statistics_of_its_state(statistics_file):
     config = variant_config("fcn_wild", size_statistics=statistics_file)
     method = methods.build(config)

@@ -101,6 +101,7 @@ def test_each_image_takes_its_own_normalised_steps(toy):
     np.testing.assert_allclose(compiled, adapted, rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_the_objective_falls_on_the_resnet():
     model = ImageNetResNet(width=1 / 16, blocks=(1, 1, 1, 1))
     variables = aan.random_features(model, seed=0)
@@ -167,6 +168,7 @@ def read_png_dir(directory):
             for name in sorted(os.listdir(directory))}
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_copy_resumes_refuses_other_settings_and_builds(tmp_path):
     config = tiny_config(tmp_path / "tfds")
     out, fresh = str(tmp_path / "copy"), str(tmp_path / "fresh")

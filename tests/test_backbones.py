@@ -49,6 +49,7 @@ def test_upsampling_is_pytorchs_bilinear_with_aligned_corners(size_in, size_out)
     np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 @pytest.mark.parametrize("variant, backbone", [("adaptsegnet_multi", "deeplabv2_resnet101"),
                                                ("advent", "deeplabv2_resnet101"),
                                                ("adaptsegnet", "deeplabv2_vgg16"),
@@ -71,6 +72,7 @@ def test_an_iteration_on_deeplab_trains_its_networks_and_predicts_at_image_size(
     assert f_shapes["f"]["score"].shape == (1, side, side, 19)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_s_update_leaves_the_statistics_of_its_source_then_target_passes():
     method, states, compiled = built()
     batch, key = learnable_batch(), jax.random.key(1)
@@ -91,6 +93,7 @@ def test_s_update_leaves_the_statistics_of_its_source_then_target_passes():
         assert jax.tree.structure(d_new) == jax.tree.structure(states[level])
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_frozen_statistics_stay_and_batch_statistics_normalise_in_training():
     method, states, compiled = built(bn_statistics="frozen")
     new, _ = compiled.step(states, learnable_batch(), jax.random.key(1))
@@ -138,6 +141,7 @@ def save_state_dict(state: dict, path) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_reference_deeplab_files_start_a_run(tmp_path):
     """config.init.torch_f with a DeepLab backbone: the AdaptSegNet / ADVENT initialisation
     ("Scale." prefix, its layer5 classifier on layer4 for other classes) gives the backbone and

@@ -213,6 +213,7 @@ def test_step_time_runs_another_method_on_deeplab_with_two_sizes(tmp_path):
     assert all(map(math.isfinite, row["losses"].values())) and row["median_s_per_iter"] > 0
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_kernel_forms_finds_every_tuned_kernel_call_of_the_iteration_with_its_shapes():
     calls = kernel_forms.lsd_iteration_kernel_calls(64, 96, model_width=1 / 16)
     found = collections.Counter(name for name, *_ in calls)

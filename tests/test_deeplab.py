@@ -209,6 +209,7 @@ def test_resnet_outputs_match_the_transcription_in_inference(aux, branches):
             np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_resnet_training_mode_uses_and_updates_batch_statistics_as_pytorch():
     """The same computation as PyTorch's, checked in float64 where rounding cannot hide a
     difference; float32 is checked against float64 separately. (Through 100 layers that each
@@ -280,6 +281,7 @@ def test_a_checkpoint_of_another_network_is_refused_by_name():
         weights.torch_to_flax(state_numpy(reference), shapes, "deeplabv2_resnet101")
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_resnet_gradients_compiled_equal_eager_and_float64():
     """The stem pool, BatchNorm in training mode and the aligned-corners upsampling inside a
     whole network: jit(grad) against eager grad and against float64."""

@@ -26,6 +26,7 @@ the same iteration; the defect above gave errors of 1e-1 and more.
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.slow  # compiled and eager gradients of whole networks,
 
 TOLERANCE = 1e-3  # of the largest element of each gradient tensor
 FLOAT64_TOLERANCE = 1e-9  # between two float64 evaluations (measured: 7e-15)
+FULL_WIDTH_TOLERANCE = 2e-5  # float32 against float64 at full width, kinks aligned (measured: 1.4e-6)
 HEIGHT, WIDTH, CLASSES = 64, 64, 19
 # Network width multiplier. Whether XLA recomputes a value for the backward pass depends on
 # the sizes it fuses: at 1/16 the float-equality pool above happened to stay exact, at 1/8 and
@@ -277,3 +279,101 @@ def test_compiled_iteration_gradients_match_eager_and_float64(mode, labelled):
     for name in "dgf":
         assert_close(composed[name], eager[name], f"{mode} {name}: composed step against eager")
         assert_close(composed[name], reference[name], f"{mode} {name}: float32 against float64")
+
+
+# ----------------------------------------------------------------------------- full width
+
+class KinkSides:
+    """The branch every LeakyReLU element and every pool window took in one evaluation, recorded
+    by `record` and imposed on another by `replay` (patched in for both: flax.linen's
+    leaky_relu and the pools' first-maximum rule).
+
+    A piecewise-linear network's gradient jumps where an element crosses a kink: an element
+    1e-7 from zero in float64 may land on the other side in float32, and the gradient through
+    it is then 0.2 of what it was, or 5 times. At width 1/8 such near-zero elements are rare; at
+    full width D holds millions of activations and one or two of them fall that close. Both
+    evaluations forced down the same branches compute the same function, in which float32's
+    lost digits are all that is left to see.
+    """
+
+    def __init__(self, monkeypatch):
+        self.sides, self.mode, self.index, self.crossings = [], None, 0, 0
+        leaky, first_max = nn.leaky_relu, layers._first_max_corner
+        monkeypatch.setattr(nn, "leaky_relu", lambda x, slope=0.01: self._leaky(leaky, x, slope))
+        monkeypatch.setattr(layers, "_first_max_corner",
+                            lambda corners: self._first_max(first_max, corners))
+
+    def start(self, mode):
+        """"record", "replay", or None (the patched functions as they were)."""
+        self.mode, self.index = mode, 0
+
+    def _next(self, own_side):
+        """This trace's side for the next kink (trace order is the same in every evaluation)."""
+        i, self.index = self.index, self.index + 1
+        if self.mode == "record":
+            self.sides.append(None)
+            jax.debug.callback(lambda v: self.sides.__setitem__(i, np.asarray(v)), own_side)
+            return own_side
+        jax.debug.callback(lambda v: setattr(self, "crossings", self.crossings + int(
+            np.sum(np.asarray(v) != self.sides[i]))), own_side)
+        return jnp.asarray(self.sides[i])
+
+    def _leaky(self, leaky, x, slope):
+        return jnp.where(self._next(x >= 0), x, slope * x) if self.mode else leaky(x, slope)
+
+    def _first_max(self, first_max, corners):
+        value, index = first_max(corners)
+        if not self.mode:
+            return value, index
+        index = self._next(index)
+        return jnp.choose(index.astype(jnp.int32), corners, mode="clip"), index
+
+
+def test_full_width_d_gradient_matches_float64_along_the_same_kinks(monkeypatch):
+    """LSD's D loss (its four inputs: real images and G's, as in the D update) at full width on
+    64x128 images: float32 against float64, every kink taken on float32's side (KinkSides).
+
+    Width 1/8 hides digits that full width loses (sums over 16x more channels), so this is
+    where a precision defect of D's layers would show. Measured: 1.4e-6 with the kinks aligned,
+    where one LeakyReLU element of res1_2 that float64 puts 1.4e-7 above zero and float32 below
+    made the D update's gradient 3.6e-3 off without aligning them (docs/testing.md). About
+    40 s: two compilations of D at full width.
+    """
+    height, width = 64, 128
+    keys = jax.random.split(jax.random.key(11), 4)
+    real = jax.random.uniform(keys[0], (2, height, width, 3))
+    # G's images (its checkerboard and saturated pixels) at width 1/8, from features like F's.
+    g = Generator(NETWORK_WIDTH, 0.0)
+    f = FCN8s(CLASSES, NETWORK_WIDTH, dropout_rate=0.0)
+    shapes = jax.eval_shape(lambda: f.init_with_output(
+        jax.random.key(0), jnp.zeros((2, height, width, 3)), train=False)[0])[1:]
+    features = tuple(100 * jax.random.uniform(k, s.shape) for k, s in zip(
+        jax.random.split(keys[1], 3), shapes))
+    fake = jax.jit(lambda v: g.apply(v, *features, train=False))(
+        g.init(keys[2], *features, train=False))
+    labels = jax.random.randint(keys[3], (2, height, width), 0, CLASSES)
+    config = default.get_config()
+    config.model.dropout_rate = 0.0
+    sides = KinkSides(monkeypatch)
+    params = lsd.build_networks(config).d.init(jax.random.key(1), real[:1], train=False)["params"]
+
+    def d_grads(dtype):
+        config.model.dtype = dtype
+        nets = lsd.build_networks(config)
+        cast = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)  # noqa: E731
+        batch = {"source_image01": cast(real[:1]), "target_image01": cast(real[1:]),
+                 "source_label": labels[:1]}
+        keys = lsd.DropoutKeys.from_step_key(jax.random.key(3))
+        loss = lambda p: lsd.d_loss(nets, p, cast((fake[:1], fake[1:])), batch, keys)[0]  # noqa
+        return jax.jit(jax.grad(loss))(cast(params))
+
+    sides.start("record")
+    float32 = jax.tree.map(np.asarray, d_grads("float32"))
+    jax.effects_barrier()
+    sides.start("replay")
+    with jax.enable_x64(True):
+        float64 = jax.tree.map(np.asarray, d_grads("float64"))
+        jax.effects_barrier()
+    assert len(sides.sides) == 4 * (1 + 3 * 3 + 2)  # per input: stem, 9 res blocks, 2 pools
+    assert_close(float32, float64, f"D at full width, float32 against float64 along "
+                 f"float32's kinks ({sides.crossings} elements crossed one)", FULL_WIDTH_TOLERANCE)

@@ -11,15 +11,14 @@ import threading
 
 import pytest
 
-from train_helpers import REPO_ROOT, TINY_SCENES, load_config_file
+from train_helpers import REPO_ROOT, TINY_SCENES, load_config_file, xla_flags
 
 pytestmark = pytest.mark.slow  # every test runs `python -m lsd_jax.main` in a subprocess
 
 
 def run_main(*args, env=None, timeout=600):
     """python -m lsd_jax.main with one CPU device (conftest's 8 would not divide the batch)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           **(env or {})}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), **(env or {})}
     return subprocess.run([sys.executable, "-m", "lsd_jax.main", *args], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -58,9 +57,8 @@ def event_tags(workdir):
 
 def test_train_then_eval_end_to_end(tmp_path):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}  # eval reuses F's compile
     trained = run_main("--config", "configs/synthetic.py", "--workdir", workdir, "--mode=train",
-                       *tiny_flags(data_dir), env={**cache, "TF_CPP_MIN_LOG_LEVEL": "0"})
+                       *tiny_flags(data_dir), env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert trained.returncode == 0, trained.stderr[-4000:]
     log = trained.stderr
     assert "step 2/4" in log and "step 4/4" in log and "steps/s" in log and "ETA" in log
@@ -87,7 +85,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert {"train/source", "train/target", "selection/prediction_vs_label"} <= images
 
     evaluated = run_main("--config", "configs/synthetic.py", "--workdir", workdir,
-                         "--mode", "eval", *tiny_flags(data_dir), env=cache)
+                         "--mode", "eval", *tiny_flags(data_dir))
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     results = json.load(open(os.path.join(workdir, "results", "eval_step_4.json")))
     assert results["step"] == 4 and results["split"] == "validation"
@@ -171,7 +169,7 @@ def test_command_line_errors_are_one_line(tmp_path, flags, message):
 
 
 def two_devices():
-    return {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return {"XLA_FLAGS": xla_flags(2)}
 
 
 @pytest.mark.parametrize("changes, env, message", [
@@ -226,9 +224,9 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def signal_runs(tmp_path_factory):
-    """A data dir and a compilation cache shared by the signal tests (one compile for all)."""
+    """A data dir shared by the signal tests (generated once for all)."""
     root = tmp_path_factory.mktemp("signals")
-    return str(root / "tfds"), {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache")}
+    return str(root / "tfds"), {}
 
 
 def start_training(workdir, data_dir, env):
@@ -238,7 +236,7 @@ def start_training(workdir, data_dir, env):
     return subprocess.Popen(
         [sys.executable, "-m", "lsd_jax.main", "--config", "configs/synthetic.py", "--workdir",
          workdir, "--mode=train", *flags], cwd=REPO_ROOT, text=True,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **env},
+        env={**os.environ, "XLA_FLAGS": xla_flags(1), **env},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -76,6 +76,7 @@ def test_training_sizes_that_work():
         check_training_size(height, width)
 
 
+@pytest.mark.slow  # compiles F at several sizes
 def test_f_alone_evaluates_at_any_size():
     f = FCN8s(num_classes=5, width=1 / 16)
     image = jnp.zeros((1, 75, 131, 3))
@@ -147,6 +148,7 @@ def test_max_pool_and_its_gradient_match_pytorch_with_ties(ceil_mode, size):
     np.testing.assert_array_equal(dx, x_torch.grad.permute(0, 2, 3, 1).numpy())
 
 
+@pytest.mark.slow  # compiles F at several sizes
 def test_channel_dropout_drops_whole_feature_maps():
     f = FCN8s(num_classes=3, width=1 / 8)
     image = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)) * 50,

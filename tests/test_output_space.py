@@ -130,6 +130,7 @@ def advent_d_loss(module, logits_s, logits_t):
     return loss
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_compiled_discriminator_gradients_match_eager_and_float64():
     # Measured float32 noise here: at most 4e-6 of a tensor's largest element; the tolerance is
     # the one of tests/test_gradients.py (1e-3).

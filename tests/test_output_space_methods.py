@@ -40,6 +40,7 @@ def built(variant: str, **fields):
     return method, method.init(jax.random.key(0)), methods.compile_method(method, donate=False)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 @pytest.mark.parametrize("variant, networks", [
     ("adaptsegnet", ["f", "d"]),
     ("adaptsegnet_multi", ["f", "d", "d_aux"]),
@@ -82,6 +83,7 @@ def s_after_update(variant, d_states, batch, **fields):
     return compiled.updates["f"](states, batch, jax.random.key(1))[0].params
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 @pytest.mark.parametrize("variant", ["adaptsegnet_multi", "advent"])
 def test_d_reaches_s_only_through_the_adversarial_terms(variant):
     """Two different D's give two different S updates, unless S's adversarial weights are 0;
@@ -97,6 +99,7 @@ def test_d_reaches_s_only_through_the_adversarial_terms(variant):
                        s_after_update(variant, other_d, batch, **zero))
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_d_updates_see_s_detached_and_minent_sees_the_target():
     # D's gradient is the same whatever S's parameters' cotangent would be: D's update is a
     # function of S's outputs alone. Check it through the whole update: a D update from S's
@@ -117,6 +120,7 @@ def test_d_updates_see_s_detached_and_minent_sees_the_target():
                                       target_aux_weight=0.0))
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 @pytest.mark.parametrize("variant", ["adaptsegnet_multi", "minent"])
 def test_losses_fall_when_overfitting_a_batch(variant):
     # From He-initialised VGG (large features), SGD's first steps overshoot at higher rates.
@@ -135,6 +139,7 @@ def test_losses_fall_when_overfitting_a_batch(variant):
         assert history[-1]["d/acc_source"] + history[-1]["d/acc_target"] > 1.5
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_alternating_and_simultaneous_differ():
     config = variant_config("adaptsegnet")
     config.update_mode = "alternating"

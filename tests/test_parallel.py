@@ -26,7 +26,6 @@ from train_helpers import REPO_ROOT, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow  # simulated-device subprocesses and two-process runs
 
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 GLOBAL_BATCH, STEPS = 8, 2
 
 COMMON = r"""
@@ -166,7 +165,7 @@ def single_process(tmp_path_factory):
     worker = tmp / "worker.py"
     worker.write_text(SINGLE_PROCESS)
     out = str(tmp / "result")
-    run_processes([[str(worker), out]], subprocess_env(8, FAST_COMPILE), timeout=300)
+    run_processes([[str(worker), out]], subprocess_env(8), timeout=300)
     with open(out + ".json") as f:
         results = json.load(f)
     arrays = dict(np.load(out + ".npz"))
@@ -186,7 +185,7 @@ def two_processes(tmp_path_factory):
     workdir, out = str(tmp / "workdir"), str(tmp / "result")
     address = f"127.0.0.1:{free_port()}"
     run_processes([[str(worker), address, str(i), workdir, out] for i in range(2)],
-                  subprocess_env(2, FAST_COMPILE), timeout=300)
+                  subprocess_env(2), timeout=300)
     results, params = [], []
     for i in range(2):
         with open(f"{out}.{i}.json") as f:

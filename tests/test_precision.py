@@ -21,11 +21,10 @@ import pytest
 
 from configs import default
 from lsd_jax import methods
+from train_helpers import REPO_ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow  # a bfloat16 training subprocess
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 BF16_STEPS = 6
 
 TRAIN = r"""
@@ -121,9 +120,8 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("precision")
     script, out = tmp / "train.py", tmp / "out.json"
     script.write_text(TRAIN)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT, XLA_FLAGS=FAST_COMPILE)
-    result = subprocess.run([sys.executable, str(script), str(out), str(BF16_STEPS)], env=env,
+    result = subprocess.run([sys.executable, str(script), str(out), str(BF16_STEPS)],
+                            env=subprocess_env(),
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out) as f:

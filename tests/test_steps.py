@@ -89,6 +89,7 @@ def trees_differ(a, b):
     return any(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.any(x != y)), a, b)))
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_each_update_changes_its_own_network_and_no_other():
     _, s, u = setup()
     batch, key = learnable_batch(), jax.random.key(1)
@@ -130,6 +131,7 @@ def loss_gradients(adversarial: bool = True):
     return jax.jit(f_grads), jax.jit(seg_grads)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_no_gradient_reaches_the_frozen_transposed_convs():
     _, s, _ = setup()
     batch, key = learnable_batch(), jax.random.key(1)
@@ -145,6 +147,7 @@ def assert_trees_close(a, b):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), a, b)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_adversarial_terms_reach_f_only_through_g():
     _, s, _ = setup()
     batch, key = learnable_batch(), jax.random.key(1)
@@ -164,6 +167,7 @@ def test_adversarial_terms_reach_f_only_through_g():
     assert_trees_close(f_grads(s["f"].params, s["f"].frozen, cut, s["d"].params, batch, key), seg_only)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_composed_step_on_a_fixed_batch_halves_the_segmentation_loss():
     _, s, _ = setup()
     batch, step = learnable_batch(), composed("alternating")
@@ -175,6 +179,7 @@ def test_composed_step_on_a_fixed_batch_halves_the_segmentation_loss():
     assert min(seg[-5:]) <= 0.5 * seg[0], seg
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 @pytest.mark.parametrize("mode", methods.base.UPDATE_MODES)
 def test_separate_and_composed_runs_are_identical(mode):
     _, s, _ = setup()
@@ -185,6 +190,7 @@ def test_separate_and_composed_runs_are_identical(mode):
     assert_trees_equal(metrics_a, metrics_b)
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_alternating_and_simultaneous_differ():
     _, s, _ = setup()
     batch, key = learnable_batch(), jax.random.key(7)
@@ -198,6 +204,7 @@ def test_alternating_and_simultaneous_differ():
     assert float(alt_metrics["g/loss"]) != float(sim_metrics["g/loss"])
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_same_key_same_result_and_another_key_another():
     _, s, _ = setup()
     batch, step = learnable_batch(), composed("alternating")
@@ -208,6 +215,7 @@ def test_same_key_same_result_and_another_key_another():
     assert trees_differ(first["f"].params, other["f"].params)  # other dropout masks
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_source_only_trains_f_alone_from_lsds_initial_f():
     method = methods.build(small_config(method="source_only"))
     s, u = method.init(jax.random.key(0)), compiled(method="source_only")
@@ -344,6 +352,7 @@ def recorded_runs() -> dict:
     return runs
 
 
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_lsd_and_source_only_reproduce_their_recorded_runs():
     with jax.enable_x64(True):
         runs = recorded_runs()

@@ -173,6 +173,7 @@ def assert_only_backbone_changed(imported, initial, with_top):
         assert changed == (path[0] == "params" and path[1] in replaced), path
 
 
+@pytest.mark.slow  # full-width VGG16 / FCN-8s files
 def test_keras_vgg16_with_top_reproduces_keras_activations(keras, keras_vgg16_top, imported_top,
                                                            f_variables):
     model, _ = keras_vgg16_top
@@ -202,6 +203,7 @@ def test_keras_vgg16_without_top_reproduces_keras_activations(keras, keras_vgg16
     assert_only_backbone_changed(imported_notop, f_variables, with_top=False)
 
 
+@pytest.mark.slow  # full-width VGG16 / FCN-8s files
 def test_keras_vgg16_with_top_legacy_keras2_file_imports_the_same(keras_vgg16_top, imported_top,
                                                                   f_variables, tmp_path):
     path = tmp_path / "vgg16_keras2.h5"
@@ -338,6 +340,7 @@ def logit(p):
     return np.log(p) - np.log1p(-p)
 
 
+@pytest.mark.slow  # full-width VGG16 / FCN-8s files
 def test_torch_fcn8s_import_reproduces_all_four_outputs(torch, torch_f):
     net, path = torch_f
     x = np.random.default_rng(5).standard_normal((1, HEIGHT, WIDTH, 3)).astype(np.float32)
@@ -392,6 +395,7 @@ def network_template(network):
     return abstract_variables(Discriminator(num_classes=NUM_CLASSES), jnp.zeros((1, 64, 64, 3)))
 
 
+@pytest.mark.slow  # full-width VGG16 / FCN-8s files
 @pytest.mark.parametrize("network", ["F", "G", "D"])
 def test_torch_export_round_trip(network, torch_f, torch_g, torch_d):
     net, _ = {"F": torch_f, "G": torch_g, "D": torch_d}[network]
