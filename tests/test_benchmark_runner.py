@@ -382,6 +382,7 @@ def finished_benchmark(tmp_path_factory):
 
 @pytest.mark.slow
 def test_an_interrupted_benchmark_resumes_and_a_finished_one_trains_nothing(finished_benchmark):
+    """About 20 s: trains two tiny variants, is stopped, and resumes."""
     options, outputs, spies = finished_benchmark
     order = [os.path.join(v, f"seed{k}") for k in range(2) for v in VARIANTS]
     (first_calls, first_mtimes), (second_calls, second_mtimes), (third_calls, third_mtimes) = \

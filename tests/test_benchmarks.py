@@ -171,6 +171,7 @@ def test_images_per_second_count_the_images_a_method_reads(variant, images):
 
 @pytest.mark.slow
 def test_step_time_runs_and_profiles_a_tiny_iteration(tmp_path):
+    """About 40 s: a subprocess that compiles and profiles an iteration, as a user runs it."""
     out = tmp_path / "rows.jsonl"
     subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "step_time.py"), "--height", "32",
@@ -235,6 +236,7 @@ def test_kernel_forms_finds_every_tuned_kernel_call_of_the_iteration_with_its_sh
 
 @pytest.mark.slow
 def test_first_layers_times_every_form_of_each_layer():
+    """About 40 s: a subprocess that compiles every form of each layer, as a user runs it."""
     out = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "first_layers.py"), "--height",
          "32", "--width", "64"], check=True, env=subprocess_env(), capture_output=True,

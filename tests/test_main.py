@@ -56,6 +56,8 @@ def event_tags(workdir):
 
 
 def test_train_then_eval_end_to_end(tmp_path):
+    """About 60 s: `python -m lsd_jax.main` trains (data generation and compilation
+    included), then evaluates, each in its own process, as a user runs them."""
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
     trained = run_main("--config", "configs/synthetic.py", "--workdir", workdir, "--mode=train",
                        *tiny_flags(data_dir), env={"TF_CPP_MIN_LOG_LEVEL": "0"})
@@ -267,6 +269,7 @@ def finish(process, timeout=120):
 
 
 def test_sigterm_saves_at_the_next_step_and_the_run_resumes_from_there(tmp_path, signal_runs):
+    """About 35 s: a training process, stopped by a signal, and a second that resumes."""
     data_dir, env = signal_runs
     workdir = str(tmp_path / "run")
     process = start_training(workdir, data_dir, env)
@@ -290,6 +293,7 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_from_there(tmp_path,
 
 
 def test_ctrl_c_stops_at_once_and_names_the_last_good_checkpoint(tmp_path, signal_runs):
+    """About 20 s: a training process, interrupted."""
     data_dir, env = signal_runs
     workdir = str(tmp_path / "run")
     process = start_training(workdir, data_dir, env)

@@ -11,7 +11,6 @@ The training runs in a subprocess with XLA's CPU optimisation turned down (the s
 compiled twice as fast), tiny networks (model.width = 1/16) and 64x64 images.
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -129,6 +128,8 @@ def trained(tmp_path_factory):
 
 
 def test_bfloat16_training_lowers_the_losses_on_a_fixed_batch(trained):
+    """About 100 s, for the module: the training subprocess (bfloat16 and float32 iterations
+    and the remat gradients, each compiled) runs before the first test that reads it."""
     losses = trained["bfloat16"]["losses"]
     assert len(losses) == BF16_STEPS
     series = {name: [step[name] for step in losses] for name in losses[0]}

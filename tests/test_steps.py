@@ -91,6 +91,7 @@ def trees_differ(a, b):
 
 @pytest.mark.slow  # compiles whole networks' gradients
 def test_each_update_changes_its_own_network_and_no_other():
+    """About 80 s: compiles LSD's D, G and F updates and the composed iteration."""
     _, s, u = setup()
     batch, key = learnable_batch(), jax.random.key(1)
     d_state, d_metrics = u.updates["d"](s, batch, key)
@@ -182,6 +183,8 @@ def test_composed_step_on_a_fixed_batch_halves_the_segmentation_loss():
 @pytest.mark.slow  # compiles whole networks' gradients
 @pytest.mark.parametrize("mode", methods.base.UPDATE_MODES)
 def test_separate_and_composed_runs_are_identical(mode):
+    """15-40 s: compiles the iteration in each mode, as one program and as three (the three
+    updates come from the compilation cache when the other mode compiled them)."""
     _, s, _ = setup()
     batch, key = learnable_batch(), jax.random.key(7)
     a, metrics_a = separate(mode, s, batch, key)
@@ -354,6 +357,8 @@ def recorded_runs() -> dict:
 
 @pytest.mark.slow  # compiles whole networks' gradients
 def test_lsd_and_source_only_reproduce_their_recorded_runs():
+    """About 120 s: compiles and runs three float64 iterations of LSD in both modes and of
+    source-only (float64: see RECORDED above)."""
     with jax.enable_x64(True):
         runs = recorded_runs()
     if os.environ.get("LSD_JAX_RECORD") == "1":

@@ -23,6 +23,7 @@ from train_helpers import (REPO_ROOT, free_port, load_config_file, subprocess_en
 @pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_checkpoint(
         tmp_path):
+    """About 30 s: compiles and trains the tiny LSD config to the bad step."""
     programs = tiny_programs()
     calls = []
 
