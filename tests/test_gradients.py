@@ -377,5 +377,6 @@ def test_full_width_d_gradient_matches_float64_along_the_same_kinks(monkeypatch)
         float64 = jax.tree.map(np.asarray, d_grads("float64"))
         jax.effects_barrier()
     assert len(sides.sides) == 4 * (1 + 3 * 3 + 2)  # per input: stem, 9 res blocks, 2 pools
-    assert_close(float32, float64, f"D at full width, float32 against float64 along "
-                 f"float32's kinks ({sides.crossings} elements crossed one)", FULL_WIDTH_TOLERANCE)
+    assert_close(float32, float64, f"D at full width, float32 against float64 along float32's "
+                 f"kinks (float64 alone: {sides.crossings} elements on the other side)",
+                 FULL_WIDTH_TOLERANCE)

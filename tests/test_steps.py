@@ -194,6 +194,25 @@ def test_separate_and_composed_runs_are_identical(mode):
 
 
 @pytest.mark.slow  # compiles whole networks' gradients
+def test_each_update_sees_the_states_its_mode_promises():
+    """In a simultaneous iteration every network's new state is its update applied to the
+    iteration's initial states, whatever the updates before it changed; in an alternating one,
+    to the states the updates before it left. Checked network by network against the
+    separately compiled updates (the same programs as test_separate_and_composed_runs_are_
+    identical, from the module's cache)."""
+    _, s, _ = setup()
+    batch, key = learnable_batch(), jax.random.key(7)
+    for mode in methods.base.UPDATE_MODES:
+        programs = compiled(mode)
+        new, _ = programs.step(s, batch, key)
+        left = dict(s)
+        for name, update in programs.updates.items():
+            expected, _ = update(left if mode == "alternating" else s, batch, key)
+            assert_trees_equal(new[name], expected)
+            left[name] = expected
+
+
+@pytest.mark.slow  # compiles whole networks' gradients
 def test_alternating_and_simultaneous_differ():
     _, s, _ = setup()
     batch, key = learnable_batch(), jax.random.key(7)
