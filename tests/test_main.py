@@ -227,18 +227,17 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def signal_runs(tmp_path_factory):
     """A data dir shared by the signal tests (generated once for all)."""
-    root = tmp_path_factory.mktemp("signals")
-    return str(root / "tfds"), {}
+    return str(tmp_path_factory.mktemp("signals") / "tfds")
 
 
-def start_training(workdir, data_dir, env):
+def start_training(workdir, data_dir):
     """A long run, logging every step, in the background."""
     flags = tiny_flags(data_dir, **{"train.num_steps": 100_000, "train.log_every": 1,
                                     "train.eval_every": 0, "train.image_every": 0})
     return subprocess.Popen(
         [sys.executable, "-m", "lsd_jax.main", "--config", "configs/synthetic.py", "--workdir",
          workdir, "--mode=train", *flags], cwd=REPO_ROOT, text=True,
-        env={**os.environ, "XLA_FLAGS": xla_flags(1), **env},
+        env={**os.environ, "XLA_FLAGS": xla_flags(1)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -270,9 +269,9 @@ def finish(process, timeout=120):
 
 def test_sigterm_saves_at_the_next_step_and_the_run_resumes_from_there(tmp_path, signal_runs):
     """About 35 s: a training process, stopped by a signal, and a second that resumes."""
-    data_dir, env = signal_runs
+    data_dir = signal_runs
     workdir = str(tmp_path / "run")
-    process = start_training(workdir, data_dir, env)
+    process = start_training(workdir, data_dir)
     read_until(process, " 3/100000 ")
     process.send_signal(signal.SIGTERM)
     status, log = finish(process)
@@ -286,7 +285,7 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_from_there(tmp_path,
     resumed = run_main("--config", "configs/synthetic.py", "--workdir", workdir, "--mode=train",
                        *tiny_flags(data_dir, **{"train.num_steps": step + 1,
                                                 "train.log_every": 1, "train.eval_every": 0,
-                                                "train.image_every": 0}), env=env)
+                                                "train.image_every": 0}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from the checkpoint of step {step} in {workdir}" in resumed.stderr
     assert f"step {step + 1}/{step + 1}" in resumed.stderr
@@ -294,9 +293,9 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_from_there(tmp_path,
 
 def test_ctrl_c_stops_at_once_and_names_the_last_good_checkpoint(tmp_path, signal_runs):
     """About 20 s: a training process, interrupted."""
-    data_dir, env = signal_runs
+    data_dir = signal_runs
     workdir = str(tmp_path / "run")
-    process = start_training(workdir, data_dir, env)
+    process = start_training(workdir, data_dir)
     read_until(process, " 3/100000 ")
     process.send_signal(signal.SIGINT)
     status, log = finish(process, timeout=60)
