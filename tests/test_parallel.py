@@ -4,8 +4,9 @@ The composed LSD step compiled over a `jax.sharding.Mesh` must give the same tra
 the number of devices or processes the same global batch is split over:
 - 8 simulated CPU devices and 1 device: the same losses and parameters after two steps;
 - 2 processes x 2 CPU devices (jax.distributed on localhost, gloo collectives), each process
-  feeding its own half of the batch: the same as 1 process x 4 devices; the checkpoint they
-  write is one checkpoint, and it restores into a single-process run.
+  feeding its own half of the batch: the same as 1 process with 1 device (the reference the 8
+  devices are held to as well); the checkpoint they write is one checkpoint, and it restores
+  into a single-process run.
 and the parameters and optimizer states stay replicated, the input states are donated, and a
 batch that does not split over the devices is refused with a message that says so.
 
@@ -91,7 +92,7 @@ out = sys.argv[1]
 method = methods.build(config())
 batch = full_batch()
 results, arrays = {}, {}
-for n in (8, 4, 1):
+for n in (8, 1):
     mesh = parallel.make_mesh(n)
     updates = methods.compile_method(method, donate=True, mesh=mesh)
     states, losses, report, first = train(method, updates, mesh, batch)
@@ -160,7 +161,7 @@ def run_processes(argvs, env, timeout):
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    """One process with 8 CPU devices, the same training on meshes of 8, 4 and 1 devices."""
+    """One process with 8 CPU devices, the same training on meshes of 8 devices and of 1."""
     tmp = tmp_path_factory.mktemp("mesh")
     worker = tmp / "worker.py"
     worker.write_text(SINGLE_PROCESS)
@@ -170,9 +171,9 @@ def single_process(tmp_path_factory):
         results = json.load(f)
     arrays = dict(np.load(out + ".npz"))
     params = {n: {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{n}:")}
-              for n in (8, 4, 1)}
+              for n in (8, 1)}
     params.update({f"{n}@1": {k.split(":", 1)[1]: v for k, v in arrays.items()
-                              if k.startswith(f"{n}@1:")} for n in (8, 4, 1)})
+                              if k.startswith(f"{n}@1:")} for n in (8, 1)})
     return results, params
 
 
@@ -230,17 +231,16 @@ FIRST_STEP_AGREEING, LAST_STEP_AGREEING = 0.995, 0.95
 
 
 def test_eight_devices_train_like_one_device(single_process):
-    """About 95 s: one subprocess compiles and runs the step for 8 devices and for 1."""
+    """About 60 s: one subprocess compiles and runs the step for 8 devices and for 1."""
     results, params = single_process
     assert_same_losses(results["8"]["losses"], results["1"]["losses"])
-    for n in (8, 4):
-        assert_same_params(params[f"{n}@1"], params["1@1"], FIRST_STEP_AGREEING)
-        assert_same_params(params[n], params[1], LAST_STEP_AGREEING)
+    assert_same_params(params["8@1"], params["1@1"], FIRST_STEP_AGREEING)
+    assert_same_params(params[8], params[1], LAST_STEP_AGREEING)
 
 
 def test_states_stay_replicated_and_are_donated_without_warnings(single_process):
     results, params = single_process
-    for n in ("8", "4", "1"):
+    for n in ("8", "1"):
         assert results[n]["replicated"], f"{n} devices: a state is not fully replicated"
         assert results[n]["donated"], f"{n} devices: the input states were not donated"
         assert not [w for w in results[n]["warnings"] if "donat" in w.lower()], results[n]
@@ -259,18 +259,19 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(single_process)
     assert "batch size 8 cannot be split over the 3 devices" in three
 
 
-def test_two_processes_train_like_one_process_with_four_devices(single_process, two_processes):
-    """About 45 s: two processes (jax.distributed) and one, each compiling the step."""
+def test_two_processes_train_like_one_device(single_process, two_processes):
+    """About 40 s: two processes (jax.distributed), each compiling the step (the
+    single-process reference comes from the module's other subprocess)."""
     reference, reference_params = single_process
     results, params, _ = two_processes
     assert [r["process_index"] for r in results] == [0, 1]
     for r, p in zip(results, params):
         assert r["replicated"] and r["donated"]
-        assert_same_losses(r["losses"], reference["4"]["losses"])
+        assert_same_losses(r["losses"], reference["1"]["losses"])
         first = {k[3:]: v for k, v in p.items() if k.startswith("@1:")}
         last = {k: v for k, v in p.items() if not k.startswith("@1:")}
-        assert_same_params(first, reference_params["4@1"], FIRST_STEP_AGREEING)
-        assert_same_params(last, reference_params[4], LAST_STEP_AGREEING)
+        assert_same_params(first, reference_params["1@1"], FIRST_STEP_AGREEING)
+        assert_same_params(last, reference_params[1], LAST_STEP_AGREEING)
     # Both processes hold exactly the same (replicated) parameters.
     for name in params[0]:
         np.testing.assert_array_equal(params[0][name], params[1][name], err_msg=name)
