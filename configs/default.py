@@ -18,7 +18,7 @@ from lsd_jax.data.config import default_data_config
 # What an experiment config's argument selects (`--config configs/gta.py:source_only`).
 VARIANTS = ("lsd", "source_only", "target_only", "adaptsegnet", "adaptsegnet_multi",
             "adaptsegnet_ls", "advent", "minent", "adda", "grl", "confusion", "fcn_wild",
-            "fcan_ran", "fcan")
+            "fcan_ran", "fcan", "dacs", "dacs_mic")
 
 # The output-space variants: (method, that method's config fields set by the variant).
 OUTPUT_SPACE_VARIANTS = {
@@ -78,6 +78,12 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
         config.adversarial.update(fields)
     if variant == "fcan":
         use_adapted_source(config)
+    if variant in ("dacs", "dacs_mic"):
+        config.method = "dacs"
+        config.update_mode = "alternating"  # the teacher follows the student's new parameters
+        config.data.source.flip = False     # DACS flips nothing
+        if variant == "dacs_mic":
+            config.dacs.mic_weight = 1.0
     if variant in ("source_only", "target_only"):
         config.method = "source_only"
     if variant == "target_only":
@@ -259,6 +265,21 @@ def get_config() -> ml_collections.ConfigDict:
     # momentum, weight decay, 10x classifiers and poly schedule, as AdaptSegNet / ADVENT, with
     # their loss: the cross-entropy averaged over pixels, whatever config.loss.reduction says).
     config.source_only = ml_collections.ConfigDict(dict(optimizer="lsd_adam"))
+
+    # Self-training with a mean teacher (method "dacs", docs/methods.md section 12): DACS's
+    # values, and MIC's masked image consistency (mic_weight > 0; the dacs_mic variant).
+    config.dacs = ml_collections.ConfigDict(dict(
+        # S's optimiser: "output_space_sgd" (DACS's: config.adaptsegnet's SGD 2.5e-4, momentum
+        # 0.9, weight decay 5e-4, classifiers at 10x, poly 0.9) or "lsd_adam" (config.optim).
+        optimizer="output_space_sgd",
+        ema_alpha=0.99,         # the teacher's rate: min(1 - 1/(t + 1), ema_alpha)
+        confidence_threshold=0.968,  # pseudo-labelled pixels weigh the fraction above this
+        jitter_strength=0.25, jitter_probability=0.8,  # the mixed images' colour jitter
+        blur_probability=0.5, blur_sigma=(0.15, 1.15),  # ... and Gaussian blur
+        mic_weight=0.0,         # MIC's masked image consistency (0 = off; dacs_mic: 1)
+        mic_block_size=32,      # MIC's b at 512x512 crops (64 at HRDA's full resolution)
+        mic_mask_ratio=0.7,     # the fraction of blocks masked
+    ))
 
     config.adversarial = ml_collections.ConfigDict(dict(
         d_input="features",     # "features" (fc7; DeepLab ResNet: layer4) or "scores" (softmax)

@@ -95,6 +95,12 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # F's rate, chosen the same way: 36.7% on the selection slice at 3e-6, 35.4 at 1e-6,
         # 35.8 at 1e-5, 31.4 at 3e-5; at 3e-4 the source loss diverged by step 250 (17.9%).
         config.optim.f_lr = 3e-6
+    if variant in ("dacs", "dacs_mic"):
+        # Self-training (docs/methods.md, section 12) from the pre-trained F with F's Adam and
+        # rates above, as the other methods here; MIC's blocks at 16 px for 128x256 scenes
+        # (MIC's 32 at 512x512 crops would mask a quarter of a scene at a time).
+        config.dacs.optimizer = "lsd_adam"
+        config.dacs.mic_block_size = 16
     if variant == "pretrain":
         # The source-only pre-training phase the benchmark's variants can start from
         # (`python -m lsd_jax.benchmark ... --pretrain pretrain`): F+C on source labels alone,

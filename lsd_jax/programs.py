@@ -101,6 +101,8 @@ def _import_weights(config, method: methods.Method,
     states = {**states, "f": f}
     for name in method.copies_of_f:  # e.g. ADDA's fixed source network: the imported F
         states[name] = methods.base.fixed_copy(f)
+    for name in method.averages_of_f:  # e.g. a mean teacher: it starts as the imported F
+        states[name] = methods.base.average_copy(f)
     for name, path, importer in (("g", init.torch_g, weights.import_torch_generator),
                                  ("d", init.torch_d, weights.import_torch_discriminator)):
         if not path:

@@ -33,7 +33,9 @@ def model_summary(config) -> str:
         title, state = f"{name.upper()} ({type(module).__name__})", states[name]
         trainable, frozen = count(state.params), count(state.frozen)
         kind = ("parameters (a copy of F's at the start, never trained)"
-                if name in method.copies_of_f else "trainable parameters")
+                if name in method.copies_of_f else
+                "parameters (a copy of F's at the start, then their moving average; no "
+                "gradient)" if name in method.averages_of_f else "trainable parameters")
         sections.append(f"{title}: {kind}\n" + parameter_overview.get_parameter_overview(
             state.params, include_stats=False))
         if frozen:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Iterator
 
@@ -164,6 +165,26 @@ def _train_batches(config, programs: Programs, start: int) -> Iterator[dict]:
     return ({k: v for k, v in b.items() if k.startswith("source_")} for b in batches)
 
 
+def _evaluate_averages(config, programs: Programs, writer, step: int, states) -> dict:
+    """The moving averages of F (a mean teacher: `Method.averages_of_f`) on the selection set:
+    their mIoU and pixel accuracy, the accuracy of the pseudo-labels they give. A diagnostic
+    of self-training, written beside F's results; training never reads it."""
+    results = {}
+    for name in programs.method.averages_of_f:
+        summary = reporting.run_evaluation(config, programs, states[name].variables(),
+                                           "selection")
+        results[f"{name}_miou"] = summary["miou"]
+        results[f"{name}_pixel_accuracy"] = summary["pixel_accuracy"]
+        writer.write_scalars(step, {f"selection/{name}_{k}": math.nan if v is None else v
+                                    for k, v in (("miou", summary["miou"]), (
+                                        "pixel_accuracy", summary["pixel_accuracy"]))})
+        logging.info("step %d: the %s's selection mIoU %s %%, pixel accuracy %s %% (the "
+                     "accuracy of its pseudo-labels; a diagnostic, training never reads it)",
+                     step, name, format_percent(summary["miou"]),
+                     format_percent(summary["pixel_accuracy"]))
+    return results
+
+
 def _train_loop(config, workdir, programs: Programs, saver: checkpoint.Saver,
                 stop: distributed.StopSignals, writer, states, key, start: int,
                 num_steps: int) -> TrainResult:
@@ -229,6 +250,7 @@ def _train_loop(config, workdir, programs: Programs, saver: checkpoint.Saver,
             reporting.write_selection(workdir, done, summary, selection)
             logging.info("step %d: selection mIoU %s %% on %s:%s", done,
                          format_percent(summary["miou"]), summary["dataset"], summary["split"])
+            selection[-1].update(_evaluate_averages(config, programs, writer, done, states))
         flush_summaries(writer, stop)
         if preempted:
             with stop.deferred():

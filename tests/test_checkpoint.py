@@ -30,11 +30,13 @@ def leaves(tree):
 @pytest.mark.parametrize("variant, backbone", [("lsd", "fcn8s_vgg16"),
                                                ("adaptsegnet_multi", "fcn8s_vgg16"),
                                                ("adaptsegnet_multi", "deeplabv2_resnet101"),
-                                               ("adda", "fcn8s_vgg16")])
+                                               ("adda", "fcn8s_vgg16"),
+                                               ("dacs_mic", "fcn8s_vgg16")])
 def test_resume_continues_exactly(data_dir, tmp_path, variant, backbone):
     """4 steps straight through == 2 steps, stop, resume to 4 (same seed, CPU): every network's
-    state, whatever the method's networks are (DeepLab's BatchNorm statistics included, and
-    ADDA's fixed source network, which has no optimizer state)."""
+    state, whatever the method's networks are (DeepLab's BatchNorm statistics included,
+    ADDA's fixed source network, which has no optimizer state, and DACS's mean teacher, whose
+    moving average is counted by its own state)."""
     programs = tiny_programs(variant, backbone)
     config = tiny_config(data_dir, variant, backbone)
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"), programs=programs,
@@ -53,6 +55,10 @@ def test_resume_continues_exactly(data_dir, tmp_path, variant, backbone):
     # And the parameters did change: the comparison is not between two untouched states.
     assert any(not np.array_equal(a, b) for a, b in
                zip(leaves(half.states["f"].params), leaves(straight.states["f"].params)))
+    if "teacher" in straight.states:  # the average moved on and counted its updates
+        assert int(straight.states["teacher"].opt_state.count) == 4
+        assert any(not np.array_equal(a, b) for a, b in zip(
+            leaves(half.states["teacher"].params), leaves(straight.states["teacher"].params)))
     if backbone != "fcn8s_vgg16":  # the statistics are saved, restored and moved on
         assert any(not np.array_equal(a, b) for a, b in zip(
             leaves(half.states["f"].batch_stats), leaves(straight.states["f"].batch_stats)))

@@ -82,6 +82,9 @@ class Method:
     console_terms: the metrics shown on the console line.
     copies_of_f: networks that start as copies of F once config.init's weights are in it, and
         are never trained (untied adversarial training's fixed source network).
+    averages_of_f: networks that start as copies of F once config.init's weights are in it
+        (`average_copy`) and then follow an exponential moving average of F's parameters, with
+        no gradient (self-training's mean teacher); evaluated beside F during training.
     """
 
     name: str
@@ -96,6 +99,7 @@ class Method:
     reads_target: bool
     console_terms: tuple[str, ...]
     copies_of_f: tuple[str, ...] = ()
+    averages_of_f: tuple[str, ...] = ()
 
 
 def run_iteration(updates: Mapping[str, Update], mode: str, states: States, batch: Batch,
@@ -215,6 +219,18 @@ def fixed_copy(f: NetState) -> NetState:
     step donates every state's arrays), no optimizer state."""
     params, frozen, statistics = jax.tree.map(jnp.copy, (f.params, f.frozen, f.batch_stats))
     return NetState(params, optax.EmptyState(), frozen, statistics)
+
+
+class AverageCount(NamedTuple):
+    """The "optimizer state" of a moving average of F: how many updates it has had (int32),
+    which is the training step."""
+    count: jax.Array
+
+
+def average_copy(f: NetState) -> NetState:
+    """A moving average of F that starts as a copy of F (its own buffers), before any update."""
+    params, frozen, statistics = jax.tree.map(jnp.copy, (f.params, f.frozen, f.batch_stats))
+    return NetState(params, AverageCount(jnp.zeros((), jnp.int32)), frozen, statistics)
 
 
 def init_keys(key: jax.Array) -> jax.Array:

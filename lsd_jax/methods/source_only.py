@@ -15,10 +15,12 @@ from lsd_jax.methods import adaptsegnet, base
 OPTIMIZERS = ("lsd_adam", "output_space_sgd")
 
 
-def optimizer_and_rates(config):
-    """(optax transformation, step -> {"lr/...": rate}) for config.source_only.optimizer."""
-    choice = config.source_only.optimizer
-    base.check_choice("source_only.optimizer", choice, OPTIMIZERS)
+def optimizer_and_rates(config, field: str = "source_only"):
+    """(optax transformation, step -> {"lr/...": rate}) for S's optimiser named by
+    config.<field>.optimizer (the source-only baseline's, or another method's that trains S
+    alone the same way)."""
+    choice = config[field].optimizer
+    base.check_choice(f"{field}.optimizer", choice, OPTIMIZERS)
     if choice == "lsd_adam":
         return base.f_optimizer(config.optim), base.f_learning_rates(config.optim)
     block = config.adaptsegnet

@@ -1,0 +1,342 @@
+"""Self-training with a mean teacher: DACS, and DACS with MIC's masked image consistency
+(docs/methods.md, section 12; shared facts: the official codes vikolss/DACS, lhoyer/MIC).
+
+Two networks: the student "f" (F+C, trained) and the "teacher", an exponential moving average
+of the student that no gradient ever reaches. An iteration runs, in this order ("alternating":
+the teacher follows the student's new parameters, DACS's order):
+
+    f:       pseudo-labels = the teacher's argmax on the target images (no augmentation, no
+             dropout); per image, ClassMix pastes the pixels of ceil(n/2) of the n label values
+             present in the source label (the ignore label counts, as in the official code) onto
+             the target image; colour jitter and Gaussian blur on the mixed images; the loss is
+                 CE(source) + mean over all pixels of (w x CE(mixed)),
+             w = 1 on source pixels, and on pseudo-labelled ones the fraction of the batch's
+             target pixels whose teacher confidence is >= the threshold (one scalar per batch).
+             With MIC (`mic_weight` > 0): plus mic_weight x the same weighted CE of the student's
+             prediction on the target image, freshly jittered and blurred, with b x b blocks
+             masked (each with probability `mic_mask_ratio`; masked pixels 0 in F's input, the
+             mean colour), against the same pseudo-labels and weight.
+    teacher: params <- a params + (1 - a) student params, a = min(1 - 1/(t + 1), ema_alpha),
+             t the number of EMA updates before this one (its state's count: the training step,
+             checkpointed with it, so a resumed run is the uninterrupted one bit for bit).
+
+The student is what is evaluated and exported. All randomness (ClassMix's classes, jitter, blur,
+MIC's masks) comes from the step's key. `config.dacs` holds the values.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lsd_jax import losses
+from lsd_jax.losses import IGNORE_LABEL
+from lsd_jax.methods import base, source_only
+from lsd_jax.models import VGG_MEAN_BGR
+from lsd_jax.models.layers import at_least_float32
+
+TEACHER = "teacher"
+# Streams of the step key (0 and 1 are F's dropout on the source and target images, shared by
+# every method: base.f_dropout_key).
+_MIXED_DROPOUT, _MASKED_DROPOUT, _CLASSMIX, _MIXED_AUGMENT, _MASKED_AUGMENT, _MIC_MASK = range(
+    2, 8)
+
+
+def ema_rate(count: jax.Array, alpha: float) -> jax.Array:
+    """min(1 - 1/(t + 1), alpha): 0 at t = 0 (the teacher becomes the student), then rising
+    to alpha (the references' warm-up of the average)."""
+    t = count.astype(jnp.float32)
+    return jnp.minimum(1.0 - 1.0 / (t + 1.0), alpha)
+
+
+def ema_update(alpha: float, teacher: base.NetState, student: base.NetState
+               ) -> tuple[base.NetState, dict]:
+    """The teacher after one EMA step towards the student's parameters. Only parameters are
+    averaged, as in the references (BatchNorm statistics and frozen variables stay the
+    teacher's own)."""
+    rate = ema_rate(teacher.opt_state.count, alpha)
+    params = jax.tree.map(lambda t, s: rate * t + (1.0 - rate) * s, teacher.params,
+                          student.params)
+    return (teacher.replace(params=params, opt_state=base.AverageCount(teacher.opt_state.count + 1)),
+            {"alpha": rate})
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+
+def pseudo_labels(f, teacher: base.NetState, image: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(class ids, confidence = the largest softmax probability) of the teacher's prediction
+    in evaluation mode (no dropout), without gradient."""
+    scores = base.predict_scores(f)(teacher.variables(), image)
+    probabilities = jax.nn.softmax(at_least_float32(scores), axis=-1)
+    return jax.lax.stop_gradient((jnp.argmax(probabilities, axis=-1).astype(jnp.int32),
+                                  jnp.max(probabilities, axis=-1)))
+
+
+def confident_fraction(confidence: jax.Array, threshold: float) -> jax.Array:
+    """DACS's weight of the pseudo-labelled pixels: the fraction of the batch's target pixels
+    whose confidence reaches the threshold (one scalar)."""
+    return jnp.mean((confidence >= threshold).astype(jnp.float32))
+
+
+def weighted_ce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean over all pixels (ignored ones count, with loss 0) of weight x cross-entropy, as
+    the references' CrossEntropyLoss2dPixelWiseWeighted."""
+    log_probs = jax.nn.log_softmax(at_least_float32(logits), axis=-1)
+    valid = labels != IGNORE_LABEL
+    safe = jnp.where(valid, labels, 0)
+    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    return jnp.mean(jnp.where(valid, nll, 0.0) * weights)
+
+
+# ----------------------------------------------------------------------------- ClassMix
+
+def classmix_mask(key: jax.Array, label: jax.Array, num_classes: int) -> jax.Array:
+    """One image's ClassMix mask (True: take the source pixel): the pixels of ceil(n/2) of the
+    n label values present in `label` (H, W), the ignore label being one of them, drawn
+    uniformly without replacement."""
+    slots = jnp.where(label == IGNORE_LABEL, num_classes, label)  # 255 -> slot num_classes
+    present = jnp.zeros(num_classes + 1, bool).at[slots.ravel()].set(True)
+    chosen_count = (jnp.sum(present) + 1) // 2
+    # A random order of the present values (absent ones last); the first ceil(n/2) are chosen.
+    scores = jnp.where(present, jax.random.uniform(key, present.shape), 2.0)
+    rank = jnp.argsort(jnp.argsort(scores))
+    chosen = present & (rank < chosen_count)
+    return chosen[slots]
+
+
+def classmix(key: jax.Array, source01, target01, source_label, pseudo_label, num_classes: int):
+    """(mixed images in [0, 1], mixed labels, mask) of a batch: image i is target image i with
+    the pixels of ClassMix's classes of source image i pasted in, with their labels."""
+    keys = jax.random.split(key, source_label.shape[0])
+    mask = jax.vmap(classmix_mask, in_axes=(0, 0, None))(keys, source_label, num_classes)
+    images = jnp.where(mask[..., None], source01, target01)
+    labels = jnp.where(mask, source_label, pseudo_label)
+    return images, labels, mask
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def _grey(rgb: jax.Array) -> jax.Array:
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale, keeping a channel axis."""
+    return (0.299 * rgb[..., 0:1] + 0.587 * rgb[..., 1:2] + 0.114 * rgb[..., 2:3])
+
+
+def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = jnp.max(rgb, axis=-1)
+    chroma = value - jnp.min(rgb, axis=-1)
+    safe = jnp.where(chroma > 0, chroma, 1.0)
+    hue = jnp.where(value == r, ((g - b) / safe) % 6.0,
+                    jnp.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue = jnp.where(chroma > 0, hue / 6.0, 0.0)
+    saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1.0), 0.0)
+    return jnp.stack([hue, saturation, value], axis=-1)
+
+
+def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    k = jnp.stack([5.0, 3.0, 1.0])
+    k = (k + h[..., None] * 6.0) % 6.0
+    return v[..., None] - v[..., None] * s[..., None] * jnp.clip(
+        jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def colour_jitter(key: jax.Array, rgb: jax.Array, strength: float) -> jax.Array:
+    """One image (H, W, 3, RGB in [0, 1]): brightness, contrast and saturation factors from
+    U(1 - s, 1 + s), then a hue shift from U(-s, s) of the colour circle, each clipped to
+    [0, 1] (torchvision's ColorJitter in a fixed order: it draws the order at random)."""
+    kb, kc, ks, kh = jax.random.split(key, 4)
+    factor = lambda k: jax.random.uniform(k, (), minval=max(0.0, 1 - strength),  # noqa: E731
+                                          maxval=1 + strength)
+    rgb = jnp.clip(rgb * factor(kb), 0.0, 1.0)
+    mean = jnp.mean(_grey(rgb))
+    rgb = jnp.clip((rgb - mean) * factor(kc) + mean, 0.0, 1.0)
+    grey = _grey(rgb)
+    rgb = jnp.clip((rgb - grey) * factor(ks) + grey, 0.0, 1.0)
+    hsv = rgb_to_hsv(rgb)
+    shift = jax.random.uniform(kh, (), minval=-strength, maxval=strength)
+    return jnp.clip(hsv_to_rgb(hsv.at[..., 0].set((hsv[..., 0] + shift) % 1.0)), 0.0, 1.0)
+
+
+def blur_kernel_size(height: int) -> int:
+    """The references' kernel size: about a tenth of the image height, odd."""
+    size = -(-height // 10)
+    return size if size % 2 else size - 1
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array, size: int) -> jax.Array:
+    """One image (H, W, C) blurred by a separable Gaussian of `size` taps, reflected borders."""
+    taps = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
+    weights = jnp.exp(-0.5 * jnp.square(taps / sigma))
+    weights = weights / jnp.sum(weights)
+    half = size // 2
+    padded = jnp.pad(image, ((half, half), (half, half), (0, 0)), mode="reflect")
+    rows = sum(weights[i] * padded[i:i + image.shape[0]] for i in range(size))
+    return sum(weights[i] * rows[:, i:i + image.shape[1]] for i in range(size))
+
+
+def strong_augment(key: jax.Array, image01_bgr: jax.Array, block) -> jax.Array:
+    """A batch of BGR images in [0, 1], each with its own draws: colour jitter (probability
+    `jitter_probability`) then Gaussian blur (probability `blur_probability`, sigma from
+    U(blur_sigma)), as DACS's strong transform of the mixed images (no flip)."""
+    size = blur_kernel_size(image01_bgr.shape[1])
+    low, high = block.blur_sigma
+
+    def one(key, bgr):
+        k_jitter, k_blur, k_apply_jitter, k_apply_blur, k_sigma = jax.random.split(key, 5)
+        rgb = bgr[..., ::-1]
+        jittered = colour_jitter(k_jitter, rgb, block.jitter_strength)
+        rgb = jnp.where(jax.random.uniform(k_apply_jitter) < block.jitter_probability,
+                        jittered, rgb)
+        sigma = jax.random.uniform(k_sigma, (), minval=low, maxval=high)
+        blurred = gaussian_blur(rgb, sigma, size)
+        rgb = jnp.where(jax.random.uniform(k_apply_blur) < block.blur_probability, blurred, rgb)
+        return rgb[..., ::-1]
+
+    return jax.vmap(one)(jax.random.split(key, image01_bgr.shape[0]), image01_bgr)
+
+
+def f_view(image01_bgr: jax.Array) -> jax.Array:
+    """F's input from BGR in [0, 1]: BGR 0-255 minus the Caffe mean (the pipeline's view)."""
+    return image01_bgr * 255.0 - jnp.asarray(VGG_MEAN_BGR, image01_bgr.dtype)
+
+
+def image01(f_input: jax.Array) -> jax.Array:
+    """The inverse of `f_view` (the pipeline clips to 0-255 before, so this is in [0, 1])."""
+    return (f_input + jnp.asarray(VGG_MEAN_BGR, f_input.dtype)) / 255.0
+
+
+def mic_mask(key: jax.Array, shape: tuple[int, int, int], block_size: int, ratio: float
+             ) -> jax.Array:
+    """MIC's masks for a batch (N, H, W): a grid of block_size x block_size blocks, each kept
+    (True) with probability 1 - ratio, cut to the image at its bottom and right."""
+    n, h, w = shape
+    grid = jax.random.uniform(key, (n, -(-h // block_size), -(-w // block_size))) > ratio
+    return jnp.repeat(jnp.repeat(grid, block_size, axis=1), block_size, axis=2)[:, :h, :w]
+
+
+# ----------------------------------------------------------------------------- the student
+
+def check_block(block) -> None:
+    """`config.dacs`'s values, or an error naming the field."""
+    def number(name, low, high, closed_high=True):
+        value = block[name]
+        if (not isinstance(value, (int, float)) or not low <= value
+                or not (value <= high if closed_high else value < high)):
+            bound = "]" if closed_high else ")"
+            raise ValueError(f"config.dacs.{name}={value!r}: expected a number in "
+                             f"[{low}, {high}{bound}")
+    number("ema_alpha", 0.0, 1.0, closed_high=False)
+    number("confidence_threshold", 0.0, 1.0)
+    number("jitter_strength", 0.0, 0.5)
+    for name in ("jitter_probability", "blur_probability"):
+        number(name, 0.0, 1.0)
+    number("mic_mask_ratio", 0.0, 1.0, closed_high=False)
+    number("mic_weight", 0.0, float("inf"), closed_high=False)
+    sigma = tuple(block.blur_sigma)
+    if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+        raise ValueError(f"config.dacs.blur_sigma={block.blur_sigma!r}: expected (low, high) "
+                         "with 0 < low <= high")
+    if not isinstance(block.mic_block_size, int) or block.mic_block_size < 1:
+        raise ValueError(f"config.dacs.mic_block_size={block.mic_block_size!r}: expected a "
+                         "positive number of pixels")
+
+
+def check_batch(batch) -> None:
+    base.check_batch(batch, with_target=True, with_image01=False, one_size=True)
+    if batch["source_image"].shape != batch["target_image"].shape:
+        raise ValueError(f"training batch: ClassMix pastes source pixels onto target images, "
+                         f"so both need one shape; got source {batch['source_image'].shape} "
+                         f"and target {batch['target_image'].shape}")
+
+
+def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetState, batch,
+                 key) -> tuple[jax.Array, tuple[dict, base.Params]]:
+    """The student's loss (see the module docstring), its terms, and BatchNorm's running
+    statistics after its passes (source, mixed, masked, each starting from the last's)."""
+    def student(variables, image, dropout_key):
+        """The student's scores in training mode; the variables for its next pass (BatchNorm's
+        running statistics as this pass left them)."""
+        outputs, statistics = base.f_outputs(f, variables, image, train=True, key=dropout_key,
+                                             update_statistics=True)
+        return outputs["score"], ({**variables, "batch_stats": statistics} if statistics
+                                  else variables)
+
+    source_scores, variables = student(variables, batch["source_image"],
+                                       base.f_dropout_key(key, "source"))
+    terms = {"seg": losses.ce2d(source_scores, batch["source_label"], "mean")}
+
+    pseudo, confidence = pseudo_labels(f, teacher, batch["target_image"])
+    weight = confident_fraction(confidence, block.confidence_threshold)
+    source01, target01 = image01(batch["source_image"]), image01(batch["target_image"])
+    mixed01, mixed_labels, mask = classmix(jax.random.fold_in(key, _CLASSMIX), source01,
+                                           target01, batch["source_label"], pseudo, num_classes)
+    mixed01 = strong_augment(jax.random.fold_in(key, _MIXED_AUGMENT), mixed01, block)
+    mixed_scores, variables = student(variables, f_view(mixed01),
+                                      jax.random.fold_in(key, _MIXED_DROPOUT))
+    terms["mix"] = weighted_ce(mixed_scores, mixed_labels, jnp.where(mask, 1.0, weight))
+    loss = terms["seg"] + terms["mix"]
+    if block.mic_weight > 0:
+        masked01 = strong_augment(jax.random.fold_in(key, _MASKED_AUGMENT), target01, block)
+        keep = mic_mask(jax.random.fold_in(key, _MIC_MASK), pseudo.shape, block.mic_block_size,
+                        block.mic_mask_ratio)
+        masked = jnp.where(keep[..., None], f_view(masked01), 0.0)
+        masked_scores, variables = student(variables, masked,
+                                           jax.random.fold_in(key, _MASKED_DROPOUT))
+        terms["mic"] = weighted_ce(masked_scores, pseudo, jnp.full(pseudo.shape, weight))
+        loss = loss + block.mic_weight * terms["mic"]
+    statistics = variables.get("batch_stats", {})
+    return loss, ({"loss": loss, **terms, "confident": weight,
+                   "mixed_source_fraction": jnp.mean(mask.astype(jnp.float32))}, statistics)
+
+
+def student_update(f, tx, block, num_classes: int, states, batch, key):
+    check_batch(batch)
+    student, teacher = states["f"], states[TEACHER]
+    grads, (metrics, statistics) = jax.grad(
+        lambda p: student_loss(f, block, num_classes, student.variables(p), teacher, batch,
+                               key), has_aux=True)(student.params)
+    new = base.apply_gradients(tx, student, grads).replace(batch_stats=statistics)
+    return new, base.with_grad_norm(metrics, grads)
+
+
+# ----------------------------------------------------------------------------- the method
+
+def build(config) -> base.Method:
+    block = config.dacs
+    check_block(block)
+    if config.update_mode != "alternating":
+        raise ValueError(f"config.update_mode={config.update_mode!r}: dacs updates its teacher "
+                         "from the student's new parameters after the student's step (DACS's "
+                         "order); expected 'alternating'")
+    f = base.segmentation_network(config)
+    tx, learning_rates = source_only.optimizer_and_rates(config, "dacs")
+    num_classes = config.num_classes
+
+    def init(key):
+        student = base.init_network(f, tx, base.init_keys(key)[0], base.example_image(),
+                                    train=False)
+        return {"f": student, TEACHER: base.average_copy(student)}
+
+    def output_shapes(states, image):
+        shapes = base.f_output_shapes(f, states, image)
+        return {"f": shapes, TEACHER: shapes}
+
+    return base.Method(
+        name="dacs_mic" if block.mic_weight > 0 else "dacs",
+        networks={"f": f, TEACHER: f},
+        updates={
+            "f": lambda s, batch, key: student_update(f, tx, block, num_classes, s, batch, key),
+            TEACHER: lambda s, batch, key: ema_update(block.ema_alpha, s[TEACHER], s["f"]),
+        },
+        mode="alternating",
+        init=init,
+        predict=base.predict_scores(f),
+        pictures=lambda states, batch: base.predictions(f, states, batch, ("source", "target")),
+        learning_rates=learning_rates,
+        output_shapes=output_shapes,
+        reads_target=True,
+        console_terms=("f/seg", "f/mix", *(("f/mic",) if block.mic_weight > 0 else ()),
+                       "f/confident"),
+        averages_of_f=(TEACHER,),
+    )
+

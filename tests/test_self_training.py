@@ -1,0 +1,293 @@
+"""Self-training with a mean teacher (lsd_jax/methods/self_training.py): DACS and MIC.
+
+The pieces by hand (the EMA rate and update, ClassMix's masks and labels, the confidence
+weight, the pixel-weighted cross-entropy, MIC's masks, the augmentations), the losses' gradients
+compiled against eager and float64, and the method as it trains: no gradient reaches the
+teacher, the teacher follows the student's new parameters, and a batch is fitted. Exact resume,
+the teacher included: test_checkpoint.py. Tiny widths and 32x64 images.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from lsd_jax import methods
+from lsd_jax.losses import IGNORE_LABEL
+from lsd_jax.methods import base, self_training as st
+from test_gradients import assert_close
+from test_steps import assert_trees_equal, trees_differ
+
+CLASSES = 19
+
+
+def dacs_config(variant="dacs_mic", **fields):
+    config = default.apply_variant(default.get_config(), variant)
+    config.model.width = 1 / 16
+    config.model.dropout_rate = 0.0
+    config.dacs.optimizer = "lsd_adam"   # Adam fits a batch in a few steps from He init
+    config.optim.f_lr = 1e-3
+    config.dacs.mic_block_size = 8
+    # A tiny F from He initialisation is never 96.8% sure within a test's few steps: at 0.3
+    # the teacher's confident fraction, and with it the pseudo-labelled terms, move.
+    config.dacs.confidence_threshold = 0.3
+    config.dacs.update(fields)
+    return config
+
+
+def batch(seed=0, n=2, height=32, width=64):
+    """Source and target images of coloured class blocks (the target's colours swapped)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice([0, 2, 10, 13], (2 * n, height // 8, width // 8))
+    labels = labels.repeat(8, axis=1).repeat(8, axis=2)
+    palette = rng.random((CLASSES, 3)).astype(np.float32)
+    image01 = np.clip(palette[labels] + 0.05 * rng.standard_normal(labels.shape + (3,)), 0, 1)
+    image = st.f_view(jnp.asarray(image01, jnp.float32))
+    labels[:, :2] = IGNORE_LABEL
+    return {"source_image": image[:n], "source_label": jnp.asarray(labels[:n], jnp.int32),
+            "target_image": image[n:, :, :, ::-1]}
+
+
+@functools.cache
+def built(variant="dacs_mic"):
+    method = methods.build(dacs_config(variant))
+    return method, method.init(jax.random.key(0)), methods.compile_method(method, donate=False)
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def test_ema_rate_warms_up_to_alpha():
+    rates = [float(st.ema_rate(jnp.int32(t), 0.99)) for t in (0, 1, 2, 3, 98, 99, 1000)]
+    np.testing.assert_allclose(rates, [0.0, 0.5, 2 / 3, 0.75, 98 / 99, 0.99, 0.99], rtol=1e-6)
+
+
+def test_ema_update_averages_parameters_only_and_counts():
+    student = base.NetState({"w": jnp.array([1.0, 2.0])}, None, {"k": jnp.array([5.0])},
+                            {"mean": jnp.array([7.0])})
+    teacher = base.NetState({"w": jnp.array([3.0, -2.0])}, base.AverageCount(jnp.int32(3)),
+                            {"k": jnp.array([0.0])}, {"mean": jnp.array([1.0])})
+    new, metrics = st.ema_update(0.99, teacher, student)
+    # t = 3: rate min(1 - 1/4, 0.99) = 0.75.
+    np.testing.assert_allclose(new.params["w"], [0.75 * 3 + 0.25 * 1, 0.75 * -2 + 0.25 * 2])
+    assert float(metrics["alpha"]) == 0.75 and int(new.opt_state.count) == 4
+    assert_trees_equal((new.frozen, new.batch_stats), (teacher.frozen, teacher.batch_stats))
+    # The first update makes the teacher the student; a copy starts at count 0.
+    first, _ = st.ema_update(0.99, base.average_copy(student), student)
+    assert_trees_equal(first.params, student.params)
+
+
+@pytest.mark.slow  # compiles the student's update
+def test_the_teacher_follows_the_students_new_parameters_and_no_gradient_reaches_it():
+    method, states, compiled = built()
+    assert list(method.updates) == ["f", "teacher"] and method.averages_of_f == ("teacher",)
+    assert_trees_equal(states["teacher"].params, states["f"].params)
+    b, key = batch(), jax.random.key(1)
+    first, metrics = compiled.step(states, b, key)
+    # Step 0's rate is 0: the teacher is the student the update has just produced.
+    assert trees_differ(first["f"].params, states["f"].params)
+    assert_trees_equal(first["teacher"].params, first["f"].params)
+    second, _ = compiled.step(first, b, jax.random.key(2))
+    expected = jax.tree.map(lambda t, s: 0.5 * t + 0.5 * s, first["teacher"].params,
+                            second["f"].params)
+    assert_trees_equal(second["teacher"].params, expected)
+    assert int(second["teacher"].opt_state.count) == 2
+    assert {"f/seg", "f/mix", "f/mic", "f/confident", "teacher/alpha"} <= set(metrics)
+
+    # The student's loss as a function of the teacher's parameters: no gradient (the
+    # pseudo-labels are constants); as a function of its own: one.
+    f, block = method.networks["f"], dacs_config().dacs
+    teacher = states["teacher"]
+    loss = lambda tp, sp: st.student_loss(f, block, CLASSES, states["f"].variables(sp),  # noqa
+                                          teacher.replace(params=tp), b, key)[0]
+    to_teacher, to_student = jax.jit(jax.grad(loss, argnums=(0, 1)))(teacher.params,
+                                                                       states["f"].params)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(to_teacher))
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(to_student))
+
+
+# ----------------------------------------------------------------------------- ClassMix
+
+def test_classmix_takes_whole_classes_half_of_those_present_ignore_label_included():
+    label = np.zeros((16, 16), np.int32)
+    label[:, 4:8], label[:, 8:12], label[:8, 12:] = 2, 5, 9
+    label[8:, 12:] = IGNORE_LABEL       # five values present: 0, 2, 5, 9 and 255
+    label = jnp.asarray(label)
+    seen = set()
+    for i in range(40):
+        mask = np.asarray(st.classmix_mask(jax.random.key(i), label, CLASSES))
+        chosen = {int(v) for v in np.unique(np.asarray(label)[mask])}
+        # A union of whole class regions: every pixel of a chosen value, none of the others.
+        np.testing.assert_array_equal(mask, np.isin(np.asarray(label), list(chosen)))
+        assert len(chosen) == 3         # ceil(5 / 2)
+        seen |= chosen
+    assert seen == {0, 2, 5, 9, IGNORE_LABEL}  # every value, the ignore label too, is drawn
+
+    # The batch: per image, source pixels and labels where the mask is, target and pseudo-labels
+    # elsewhere.
+    source01 = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+    target01 = jax.random.uniform(jax.random.key(2), (2, 16, 16, 3))
+    labels = jnp.stack([label, jnp.flip(label, 1)])
+    pseudo = jnp.full((2, 16, 16), 17, jnp.int32)
+    images, mixed, mask = st.classmix(jax.random.key(3), source01, target01, labels, pseudo,
+                                      CLASSES)
+    mask = np.asarray(mask)
+    np.testing.assert_array_equal(images, np.where(mask[..., None], source01, target01))
+    np.testing.assert_array_equal(mixed, np.where(mask, labels, 17))
+    assert 0 < mask.mean() < 1
+
+
+def test_confidence_weight_and_weighted_cross_entropy_by_hand():
+    confidence = jnp.array([[[0.5, 0.968], [0.99, 0.2]]])
+    assert float(st.confident_fraction(confidence, 0.968)) == 0.5
+
+    logits = jnp.array([[[[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]]])   # (1, 1, 2, 3)
+    labels = jnp.array([[[0, IGNORE_LABEL]]])
+    weights = jnp.array([[[0.25, 1.0]]])
+    nll = -np.log(np.exp(2.0) / (np.exp(2.0) + 1 + np.exp(-1.0)))
+    # Mean over both pixels; the ignored one counts with 0.
+    np.testing.assert_allclose(float(st.weighted_ce(logits, labels, weights)), 0.25 * nll / 2,
+                               rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- MIC, augmentation
+
+def test_mic_masks_are_whole_blocks_masked_at_the_ratio():
+    keep = np.asarray(st.mic_mask(jax.random.key(0), (8, 256, 256), 8, 0.7))
+    blocks = keep.reshape(8, 32, 8, 32, 8)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()   # constant on every 8x8 block
+    assert abs(keep.mean() - 0.3) < 0.02               # 8,192 blocks, each kept with p 0.3
+    # Sizes that are not multiples of the block: the grid is cut at the bottom and right.
+    assert st.mic_mask(jax.random.key(1), (2, 40, 50), 16, 0.5).shape == (2, 40, 50)
+
+
+def test_colour_conversions_and_augmentation_keep_images_in_range():
+    rgb = jax.random.uniform(jax.random.key(0), (8, 8, 3))
+    np.testing.assert_allclose(st.hsv_to_rgb(st.rgb_to_hsv(rgb)), rgb, atol=1e-6)
+    grey = jnp.full((4, 4, 3), 0.4)
+    np.testing.assert_allclose(st.rgb_to_hsv(grey)[..., 1], 0.0)   # no hue, no saturation
+    # Zero strength: the jitter is the identity; a blur keeps a constant image.
+    np.testing.assert_allclose(st.colour_jitter(jax.random.key(1), rgb, 0.0), rgb, atol=1e-6)
+    np.testing.assert_allclose(st.gaussian_blur(grey, jnp.float32(0.8), 5), grey, atol=1e-6)
+    assert [st.blur_kernel_size(h) for h in (512, 128, 32)] == [51, 13, 3]   # DACS's sizes
+    block = dacs_config().dacs
+    images = jax.random.uniform(jax.random.key(2), (6, 32, 64, 3))
+    out = st.strong_augment(jax.random.key(3), images, block)
+    assert out.shape == images.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    changed = [bool(jnp.any(jnp.abs(o - i) > 1e-6)) for o, i in zip(out, images)]
+    assert any(changed)                                 # each image with its own draws
+    np.testing.assert_array_equal(out, st.strong_augment(jax.random.key(3), images, block))
+
+
+# ----------------------------------------------------------------------------- the losses
+
+def loss_terms(source, mixed, masked, source_label, mixed_label, pseudo, pixel_weight, weight):
+    """The student's loss from its three score maps (the rest of the loss is the network)."""
+    from lsd_jax import losses
+    return (losses.ce2d(source, source_label, "mean")
+            + st.weighted_ce(mixed, mixed_label, pixel_weight)
+            + st.weighted_ce(masked, pseudo, jnp.full(pseudo.shape, weight)))
+
+
+def test_loss_gradients_compiled_equal_eager_and_float64():
+    keys = jax.random.split(jax.random.key(4), 6)
+    shape = (2, 8, 16)
+    scores = [3 * jax.random.normal(k, shape + (CLASSES,)) for k in keys[:3]]
+    labels = [jnp.where(jax.random.uniform(k, shape) < 0.1, IGNORE_LABEL,
+                        jax.random.randint(k, shape, 0, CLASSES)) for k in keys[3:]]
+    pixel_weight = jnp.where(jax.random.uniform(keys[0], shape) < 0.5, 1.0, 0.3)
+    grad = jax.grad(loss_terms, argnums=(0, 1, 2))
+    args = (*scores, *labels, pixel_weight, 0.3)
+    compiled = jax.jit(grad)(*args)
+    with jax.disable_jit():
+        eager = grad(*args)
+    with jax.enable_x64(True):
+        as64 = [a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+                for a in args[:-1]]
+        reference = jax.tree.map(np.asarray, jax.jit(grad)(*as64, 0.3))
+    assert_close(compiled, eager, "student loss: jit(grad) against eager")
+    assert_close(compiled, reference, "student loss: float32 against float64")
+
+
+# ----------------------------------------------------------------------------- the method
+
+@pytest.mark.slow  # compiles the student's update
+def test_a_batch_is_fitted_and_the_teacher_catches_up():
+    _, states, compiled = built()
+    b = batch()
+    history = []
+    for i in range(25):
+        states, metrics = compiled.step(states, b, jax.random.key(i))
+        history.append({k: float(v) for k, v in metrics.items()})
+    assert history[-1]["f/seg"] < 0.5 * history[0]["f/seg"], [h["f/seg"] for h in history]
+    assert max(h["f/mix"] for h in history[-5:]) < history[0]["f/mix"]
+    assert all(0 <= h["f/confident"] <= 1 for h in history)
+    # The teacher starts uniform (F's score layers start at zero): nothing is confident; it
+    # grows sure as it follows the student.
+    assert history[0]["f/confident"] == 0 and history[-1]["f/confident"] > 0.5
+    assert all(0 < h["f/mixed_source_fraction"] < 1 for h in history)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"ema_alpha": 1.0}, r"config.dacs.ema_alpha=1.0: expected a number in \[0.0, 1.0\)"),
+    ({"confidence_threshold": 1.5}, r"config.dacs.confidence_threshold=1.5"),
+    ({"blur_sigma": (1.0, 0.5)}, r"config.dacs.blur_sigma=\(1.0, 0.5\): expected \(low, high\)"),
+    ({"mic_block_size": 0}, r"config.dacs.mic_block_size=0: expected a positive number"),
+    ({"mic_weight": -1.0}, r"config.dacs.mic_weight=-1.0"),
+    ({"optimizer": "adamw"}, r"config.dacs.optimizer: expected one of"),
+])
+def test_bad_fields_are_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        methods.build(dacs_config(**fields))
+
+
+def test_simultaneous_mode_and_mismatched_domains_are_refused():
+    config = dacs_config()
+    config.update_mode = "simultaneous"
+    with pytest.raises(ValueError, match=r"config.update_mode='simultaneous': dacs updates its "
+                                         r"teacher .* expected 'alternating'"):
+        methods.build(config)
+    b = batch()
+    b["target_image"] = b["target_image"][:, :, :32]
+    with pytest.raises(ValueError, match="ClassMix pastes source pixels onto target images"):
+        st.check_batch(b)
+
+
+@pytest.mark.slow  # trains on generated scenes (the resume test's programs: test_checkpoint.py)
+def test_each_selection_evaluation_reports_the_teachers_pseudo_label_accuracy(tmp_path):
+    from lsd_jax import train
+    from test_main import event_tags
+    from train_helpers import tiny_config, tiny_programs
+
+    config = tiny_config(str(tmp_path / "tfds"), "dacs_mic")
+    config.train.num_steps = config.train.eval_every = 2
+    result = train.train_and_evaluate(config, str(tmp_path / "run"),
+                                      programs=tiny_programs("dacs_mic"), evaluate_at_end=False)
+    [entry] = result.selection
+    assert entry["step"] == 2 and 0 <= entry["miou"] <= 1
+    assert 0 <= entry["teacher_miou"] <= 1 and 0 < entry["teacher_pixel_accuracy"] <= 1
+    scalars, _ = event_tags(str(tmp_path / "run"))
+    assert scalars["selection/teacher_miou"] == [pytest.approx(entry["teacher_miou"])]
+    assert scalars["selection/teacher_pixel_accuracy"] == [
+        pytest.approx(entry["teacher_pixel_accuracy"])]
+    assert "selection/miou" in scalars   # the student's, as for every method
+
+
+@pytest.mark.parametrize("config_file", ["gta", "synthia", "synthetic"])
+def test_the_variants_summarise_with_the_teacher_beside_f(config_file):
+    """--mode summary's text (shapes only, nothing computed) for :dacs and :dacs_mic."""
+    from lsd_jax.summary import model_summary
+    from train_helpers import load_config_file
+
+    for variant in ("dacs", "dacs_mic"):
+        config = load_config_file(config_file, variant)
+        assert config.method == "dacs" and config.update_mode == "alternating"
+        assert config.dacs.mic_weight == (1.0 if variant == "dacs_mic" else 0.0)
+        text = model_summary(config)
+        f_total = re.search(r"^F total: ([\d,]+) parameters", text, re.M).group(1)
+        assert re.search(rf"^TEACHER total: {f_total} parameters", text, re.M), text
+        assert "TEACHER (FCN8s): parameters (a copy of F's at the start, then their moving " \
+               "average; no gradient)" in text
