@@ -168,12 +168,17 @@ def test_cpu_tuned_kernels_match_plain_xla_operations_in_compiled_gradients(name
                      f"{name}: tuned kernels against plain XLA, float64", FLOAT64_TOLERANCE)
 
 
-@pytest.mark.parametrize("phase_matmul_channels", [layers.NARROW_PHASE_CHANNELS, 10**9])
+DEFAULT_PHASE_LIMIT = layers.NARROW_PHASE_CHANNELS  # the test below patches the module's
+
+
+@pytest.mark.parametrize("phase_matmul_channels", [DEFAULT_PHASE_LIMIT, 10**9])
 def test_accelerator_forms_match_plain_xla_operations_in_compiled_gradients(
         monkeypatch, phase_matmul_channels):
     """On a GPU, G's to_image (and, given a wider limit, every strided transposed convolution)
     computes its phase convolution as a matrix product; the same checks, run here by making
-    the layers believe they are on an accelerator."""
+    the layers believe they are on an accelerator. With the default limit only the choice of
+    layers is checked (traced, not compiled): the wide limit computes every layer as a
+    product, to_image's as with the default, and its gradients are compared."""
     monkeypatch.setattr(layers, "on_accelerator", lambda: True)
     monkeypatch.setattr(layers, "NARROW_PHASE_CHANNELS", phase_matmul_channels)
     phase_products = []
@@ -181,7 +186,10 @@ def test_accelerator_forms_match_plain_xla_operations_in_compiled_gradients(
     monkeypatch.setattr(layers, "conv_valid_im2col",
                         lambda x, k: phase_products.append(k.shape) or im2col(x, k))
     with jax.enable_x64(True):
-        tuned = network_grads("G", dtype=jnp.float64)
+        module, _ = network_case("G", NETWORK_WIDTH, jnp.float64)
+        variables, inputs, cotangents = to_float64(network_setup("G"))
+        jax.make_jaxpr(jax.grad(loss_fn(module, variables, inputs, cotangents)))(
+            variables["params"])
         # to_image's 2 x 2 phases of 3 channels, 4 x 4 taps over G's last 64 * width maps.
         assert (4, 4, layers.scaled(64, NETWORK_WIDTH), 12) in phase_products
         # G's stride-2 layers (up2-up5, to_image; up1 has stride 1) with at most that many
@@ -193,7 +201,10 @@ def test_accelerator_forms_match_plain_xla_operations_in_compiled_gradients(
         product_outputs = {shape[-1] for shape in phase_products}
         assert [4 * c in product_outputs for c in outputs] == [
             4 * c <= phase_matmul_channels for c in outputs]
-        assert_close(tuned, network_grads("G", dtype=jnp.float64, plain=True),
+        if phase_matmul_channels == DEFAULT_PHASE_LIMIT:
+            return
+        assert_close(network_grads("G", dtype=jnp.float64),
+                     network_grads("G", dtype=jnp.float64, plain=True),
                      "G: accelerator forms against plain XLA, float64", FLOAT64_TOLERANCE)
     assert_close(network_grads("G"), network_grads("G", compiled=False),
                  "G: accelerator forms, jit(grad) against eager grad")
