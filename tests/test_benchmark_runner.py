@@ -231,7 +231,7 @@ def test_a_results_file_cut_short_is_not_a_finished_run(tmp_path):
     (["--config", "configs/synthetic.py", "--variants", "lsd,bogus"],
      "unknown variant 'bogus' for configs/synthetic.py: expected one of lsd, source_only, "
      "target_only, adaptsegnet, adaptsegnet_multi, adaptsegnet_ls, advent, minent, adda, grl, "
-     "confusion, fcn_wild, fcan_ran, fcan, pretrain, demo"),
+     "confusion, fcn_wild, fcan_ran, fcan, dacs, dacs_mic, pretrain, demo"),
     (["--config", "configs/synthetic.py", "--target", "nois=3"],
      "--target nois: not a field of synthetic_scenes/target's builder config; valid fields: "
      "blur, class_set, color_jitter, gamma, height, lighting, noise, num_train, num_validation, "

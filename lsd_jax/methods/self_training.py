@@ -34,10 +34,10 @@ from lsd_jax.models import VGG_MEAN_BGR
 from lsd_jax.models.layers import at_least_float32
 
 TEACHER = "teacher"
-# Streams of the step key (0 and 1 are F's dropout on the source and target images, shared by
-# every method: base.f_dropout_key).
-_MIXED_DROPOUT, _MASKED_DROPOUT, _CLASSMIX, _MIXED_AUGMENT, _MASKED_AUGMENT, _MIC_MASK = range(
-    2, 8)
+# Streams of the step key; 0 and 1 are F's dropout on the source and target images, as in
+# every method (base.f_dropout_key).
+_MIXED_DROPOUT, _MASKED_DROPOUT, _CLASSMIX, _MIXED_AUGMENT, _MASKED_AUGMENT, _MIC_MASK = (
+    2, 3, 4, 5, 6, 7)
 
 
 def ema_rate(count: jax.Array, alpha: float) -> jax.Array:
@@ -55,8 +55,8 @@ def ema_update(alpha: float, teacher: base.NetState, student: base.NetState
     rate = ema_rate(teacher.opt_state.count, alpha)
     params = jax.tree.map(lambda t, s: rate * t + (1.0 - rate) * s, teacher.params,
                           student.params)
-    return (teacher.replace(params=params, opt_state=base.AverageCount(teacher.opt_state.count + 1)),
-            {"alpha": rate})
+    count = base.AverageCount(teacher.opt_state.count + 1)
+    return teacher.replace(params=params, opt_state=count), {"alpha": rate}
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
@@ -121,6 +121,7 @@ def _grey(rgb: jax.Array) -> jax.Array:
 
 
 def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+    """RGB in [0, 1] -> (hue in [0, 1), saturation, value), as torchvision's _rgb2hsv."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     value = jnp.max(rgb, axis=-1)
     chroma = value - jnp.min(rgb, axis=-1)
@@ -133,6 +134,7 @@ def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
 
 
 def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+    """The inverse of `rgb_to_hsv`."""
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     k = jnp.stack([5.0, 3.0, 1.0])
     k = (k + h[..., None] * 6.0) % 6.0
@@ -182,7 +184,7 @@ def strong_augment(key: jax.Array, image01_bgr: jax.Array, block) -> jax.Array:
     low, high = block.blur_sigma
 
     def one(key, bgr):
-        k_jitter, k_blur, k_apply_jitter, k_apply_blur, k_sigma = jax.random.split(key, 5)
+        k_jitter, k_apply_jitter, k_apply_blur, k_sigma = jax.random.split(key, 4)
         rgb = bgr[..., ::-1]
         jittered = colour_jitter(k_jitter, rgb, block.jitter_strength)
         rgb = jnp.where(jax.random.uniform(k_apply_jitter) < block.jitter_probability,
