@@ -82,6 +82,8 @@ def test_ema_update_averages_parameters_only_and_counts():
 
 @pytest.mark.slow  # compiles the student's update
 def test_the_teacher_follows_the_students_new_parameters_and_no_gradient_reaches_it():
+    """About 20-30 s: compiles DACS's iteration with MIC (three student passes and their
+    gradients, the teacher's pass and update), which the module's other tests then reuse."""
     method, states, compiled = built()
     assert list(method.updates) == ["f", "teacher"] and method.averages_of_f == ("teacher",)
     assert_trees_equal(states["teacher"].params, states["f"].params)
@@ -215,7 +217,7 @@ def test_loss_gradients_compiled_equal_eager_and_float64():
 # ----------------------------------------------------------------------------- the method
 
 @pytest.mark.slow  # compiles the student's update
-def test_a_batch_is_fitted_and_the_teacher_catches_up():
+def test_a_batch_is_fitted_and_the_teacher_grows_sure():
     _, states, compiled = built()
     b = batch()
     history = []
@@ -223,7 +225,9 @@ def test_a_batch_is_fitted_and_the_teacher_catches_up():
         states, metrics = compiled.step(states, b, jax.random.key(i))
         history.append({k: float(v) for k, v in metrics.items()})
     assert history[-1]["f/seg"] < 0.5 * history[0]["f/seg"], [h["f/seg"] for h in history]
-    assert max(h["f/mix"] for h in history[-5:]) < history[0]["f/mix"]
+    # (The mixed term does not fall step by step: it grows as the confident fraction, the
+    # pseudo-labelled pixels' weight, rises from 0. Its values are checked by hand above.)
+    assert all(np.isfinite(h["f/mix"]) and np.isfinite(h["f/mic"]) for h in history)
     assert all(0 <= h["f/confident"] <= 1 for h in history)
     # The teacher starts uniform (F's score layers start at zero): nothing is confident; it
     # grows sure as it follows the student.
@@ -258,6 +262,8 @@ def test_simultaneous_mode_and_mismatched_domains_are_refused():
 
 @pytest.mark.slow  # trains on generated scenes (the resume test's programs: test_checkpoint.py)
 def test_each_selection_evaluation_reports_the_teachers_pseudo_label_accuracy(tmp_path):
+    """About 20 s: trains two steps on generated scenes and evaluates (the iteration is loaded
+    from the compilation cache when test_checkpoint's resume test compiled it first)."""
     from lsd_jax import train
     from test_main import event_tags
     from train_helpers import tiny_config, tiny_programs
