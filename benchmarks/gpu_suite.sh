@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/benchmarks.md in one device call of at most BUDGET_S seconds (default
+# The GPU rows of docs/performance.md in one device call of at most BUDGET_S seconds (default
 # 420), on one H100/H200, most important first; every row is appended to OUT_DIR as soon as it
 # finishes, so a run cut short keeps what it measured. No tensorflow needed: the batches are
 # in-memory arrays. Compiling one 1024x512 iteration takes 65-85 s on an H200, so each row
@@ -11,7 +11,7 @@
 #   ROWS="3 7 8"                               # only these rows (default: all, in order)
 #
 # Rows, all at 1024x512, 1 source + 1 target image, alternating, composed, CPU-tuned kernels
-# (measured faster than XLA's plain forms on an H200 too, docs/benchmarks.md):
+# (measured faster than XLA's plain forms on an H200 too, docs/performance.md):
 #  1. float32 (TF32 convolutions) against the peer --tf32, profiled, the trace kept;
 #  2. bfloat16 against the peer --amp bf16, with peak memory, profiled, the trace kept;
 #  3. the 3-channel layers and G's strided transposed convolutions alone, each form, both
@@ -19,7 +19,7 @@
 #  4. bfloat16 batch 4; 5. float32 simultaneous mode;
 #  6. each tuned kernel against its plain form (benchmarks/kernel_forms.py), bfloat16;
 #  7, 8. float32 and bfloat16 with every sub-pixel phase convolution as a matrix product (the
-#     candidate for G's up2-up5 kernel gradients, docs/benchmarks.md, fourth lease), profiled.
+#     candidate for G's up2-up5 kernel gradients, docs/performance.md, fourth lease), profiled.
 # A row that fails (out of memory, say) is logged with its exit status and the suite goes on;
 # a row is not started when less than its usual time is left.
 set -u

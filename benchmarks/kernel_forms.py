@@ -2,7 +2,7 @@
 """Time each CPU-tuned kernel of LSD's networks against its plain XLA form, on this backend.
 
 The custom pools, the im2col fc6/fc7, the col2im and sub-pixel transposed convolutions were
-written to be fast on XLA:CPU (docs/benchmarks.md); `config.model.plain_kernels` swaps every
+written to be fast on XLA:CPU (docs/performance.md); `config.model.plain_kernels` swaps every
 one for XLA's plain form (reduce_window, a VALID convolution, an input-dilated convolution).
 This script finds every call of those kernels in one LSD iteration at the given size, with its
 real shapes (by tracing the iteration with the kernels wrapped), and times each one's forward

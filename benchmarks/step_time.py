@@ -15,13 +15,16 @@ across backends: on a GPU it leaves out the convolutions XLA hands to cuDNN (at 
 an H200 it counts 318 of the 13,551 GFLOP), and composed it is lower by the forward passes
 XLA shares between updates. Needs no tensorflow: the batch is random in-memory arrays.
 
-    python benchmarks/step_time.py --height 128 --width 256 --batch 1 --peer   # CPU, small
-    python benchmarks/step_time.py --height 512 --width 1024 --dtype bfloat16 --peer --peer-args="--amp bf16"
+    python benchmarks/step_time.py --height 128 --width 256 --batch 1           # CPU, small
+    python benchmarks/step_time.py --height 512 --width 1024 --dtype bfloat16 \
+        --peer --peer-script PATH/torch_lsd_step.py --peer-args="--amp bf16"
 
 Per iteration: --batch source and --batch target images (the paper: 1 + 1), so images/s counts
 2 x batch per iteration, as the peer does (batch for a method that reads no target images,
-e.g. source_only). --peer runs ../shared/peer/torch_lsd_step.py (or
---peer-script) once per update mode, at the same size, in the same run (LSD only).
+e.g. source_only). --peer runs a PyTorch LSD step script (--peer-script; it is not part of
+lsd_jax: an eager implementation of the same iteration that takes the same size flags and
+prints its time per iteration) once per update mode, at the same size, in the same run (LSD
+only).
 
 Other methods: --variant names one of configs/default.py's variants (adaptsegnet_multi, advent,
 adda, fcan_ran, source_only, ...), --backbone one of config.model.backbone's values, and
@@ -55,8 +58,6 @@ sys.path.insert(0, REPO_ROOT)
 from configs import default as default_config  # noqa: E402
 from lsd_jax import methods, parallel  # noqa: E402
 from lsd_jax.models import VGG_MEAN_BGR, layers  # noqa: E402
-
-DEFAULT_PEER = os.path.join(REPO_ROOT, "..", "shared", "peer", "torch_lsd_step.py")
 
 # Dense peak FLOP/s per device (no sparsity), by jax's device_kind substring and compute dtype.
 # Source: NVIDIA H100 and H200 Tensor Core GPU datasheets (SXM): BF16 989.4 TFLOP/s, TF32
@@ -344,7 +345,8 @@ def main():
                     help="with --profile-top: keep each profiled trace as "
                     "PREFIX.DTYPE.MODE.UPDATES.json.gz (Perfetto JSON)")
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
-    ap.add_argument("--peer-script", default=DEFAULT_PEER)
+    ap.add_argument("--peer-script", default=None, metavar="PATH",
+                    help="the PyTorch peer's script (needed with --peer)")
     ap.add_argument("--peer-args", default="", help='e.g. "--tf32" or "--amp bf16"')
     ap.add_argument("--peer-device", default=None)
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
@@ -357,6 +359,9 @@ def main():
         config.model.backbone = args.backbone
     if args.resnet_blocks:
         config.model.resnet_blocks = tuple(int(b) for b in args.resnet_blocks.split(","))
+    if args.peer and not (args.peer_script and os.path.isfile(args.peer_script)):
+        ap.error(f"--peer: --peer-script must name the PyTorch peer's script, got "
+                 f"{args.peer_script!r}")
     if args.peer and config.method != "lsd":
         ap.error(f"--peer: the PyTorch peer runs LSD, not --variant {args.variant}")
     sizes = {"source": (args.source_height or args.height, args.source_width or args.width),

@@ -214,7 +214,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.remat_f = False
     config.model.remat_g = False
     # XLA's plain pooling and (transposed) convolutions instead of the forms in models/layers.py
-    # that are tuned for XLA:CPU (same parameters and results; see docs/benchmarks.md).
+    # that are tuned for XLA:CPU (same parameters and results; see docs/performance.md).
     config.model.plain_kernels = False
 
     # "alternating": D steps, then G with the new D, then F with the new D and G.

@@ -32,8 +32,8 @@ faster), `cityscapes_extracted/1024x512` (target, the last 200 train images held
 for model selection), `cityscapes_extracted/full` (evaluation on val, logits from a 1024x512
 input upsampled to 2048x1024).
 
-Time per iteration: not measured here yet (benchmarks/step_time.py --method ... --backbone
-deeplabv2_resnet101 measures it on the machine at hand; docs/benchmarks.md has the CPU rows).
+Time per iteration: not measured here yet (benchmarks/step_time.py --variant ... --backbone
+deeplabv2_resnet101 measures it on the machine at hand; docs/performance.md has the CPU rows).
 No run of this config has been measured by this project.
 """
 

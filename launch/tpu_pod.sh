@@ -21,7 +21,7 @@ RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 WORKDIR="${WORKDIR:-gs://my-bucket/lsd_jax/gta}"     # checkpoints and summaries; must be on GCS
 CONFIG="${CONFIG:-configs/gta.py}"
 TFDS_DATA_DIR="${TFDS_DATA_DIR:-gs://my-bucket/tensorflow_datasets}"
-EXTRA_FLAGS="${EXTRA_FLAGS:-}"                       # e.g. "--config.batch_size=32"
+EXTRA_FLAGS="${EXTRA_FLAGS:-}"                       # e.g. "--config.data.batch_size=32"
 REMOTE_DIR="${REMOTE_DIR:-lsd_jax}"                  # where the code goes on each worker, under ~
 DETACH="${DETACH:-0}"        # 1: run the program under nohup, logging to ~/lsd_jax.log per worker
 DRY_RUN="${DRY_RUN:-0}"

@@ -11,7 +11,7 @@ at conv1 and the end of each stage of an ImageNet ResNet-50 (res2c, res3d, res4f
 1,000 steps o <- o - w_i * g / |g|, w_i = 10 (I - i) / I. The adapted images and the source's
 own labels are written as a dataset the training pipeline reads (`appearance_adapted`).
 
-    python -m lsd_jax.appearance_transfer --config configs/gta.py --output /data/gta5_aan \\
+    python -m lsd_jax.appearance_transfer --config configs/gta.py:fcan --output /data/gta5_aan \\
         [--config.aan.weights=resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5] \\
         [--max_images N]
 
@@ -500,18 +500,20 @@ def write_adapted_copy(config, output: str, max_images: int | None = None,
     return record
 
 
-def _command() -> None:
-    """`python -m lsd_jax.appearance_transfer`."""
+def define_flags() -> None:
+    """The command's own flags (besides --config), on absl's global FLAGS."""
     from absl import flags
 
-    from lsd_jax.commands import run_config_command
+    flags.DEFINE_string("output", None, "Directory of the adapted copy (created; resumed "
+                        "when it holds a copy made with the same settings).")
+    flags.DEFINE_integer("max_images", None, "Adapt only the first N source images (in "
+                         "the stored order); the copy is then not complete.", lower_bound=1)
+    flags.mark_flag_as_required("output")
 
-    def define_flags():
-        flags.DEFINE_string("output", None, "Directory of the adapted copy (created; resumed "
-                            "when it holds a copy made with the same settings).")
-        flags.DEFINE_integer("max_images", None, "Adapt only the first N source images (in "
-                             "the stored order); the copy is then not complete.", lower_bound=1)
-        flags.mark_flag_as_required("output")
+
+def _command() -> None:
+    """`python -m lsd_jax.appearance_transfer`."""
+    from lsd_jax.commands import run_config_command
 
     run_config_command(
         "lsd_jax.appearance_transfer", define_flags,

@@ -7,6 +7,18 @@ import sys
 from typing import Callable
 
 
+def define_command_flags(define_flags: Callable[[], None]) -> None:
+    """`--config` (an experiment config file, locked) and the command's own flags, on absl's
+    global FLAGS."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py), "
+                                    "optionally with an argument.", lock_config=True)
+    define_flags()
+    flags.mark_flag_as_required("config")
+
+
 def run_config_command(name: str, define_flags: Callable[[], None],
                        body: Callable[[object], None]) -> None:
     """Define `--config` and the command's flags (`define_flags()`), parse, run `body(FLAGS)`.
@@ -16,15 +28,11 @@ def run_config_command(name: str, define_flags: Callable[[], None],
     (a UserError, OSError or ValueError, printed as one line), 0 otherwise.
     """
     from absl import app, flags, logging
-    from ml_collections import config_flags
 
     from lsd_jax.errors import UserError
     from lsd_jax.tf_quiet import import_tensorflow_datasets
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py), "
-                                    "optionally with an argument.", lock_config=True)
-    define_flags()
-    flags.mark_flag_as_required("config")
+    define_command_flags(define_flags)
 
     def parse(argv):
         try:

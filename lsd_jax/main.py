@@ -66,7 +66,10 @@ def _run(config, workdir: str | None, mode: str) -> int:
     if mode not in MODES:
         raise UsageError(f"--mode={mode}: expected one of {MODES}")
     if mode == "summary":
+        from lsd_jax import preflight
         from lsd_jax.summary import model_summary
+
+        preflight.check_config(config)  # a bad field as one line, as training would say it
         print(model_summary(config))
         return 0
     if not workdir:

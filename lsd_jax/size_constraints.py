@@ -533,17 +533,19 @@ def write_source_statistics(config, output: str, max_images: int | None = None
     return stats
 
 
-def _command() -> None:
-    """`python -m lsd_jax.size_constraints`."""
+def define_flags() -> None:
+    """The command's own flags (besides --config), on absl's global FLAGS."""
     from absl import flags
 
-    from lsd_jax.commands import run_config_command
+    flags.DEFINE_string("output", None, "Where to write the statistics (JSON).")
+    flags.DEFINE_integer("max_images", None, "Read only the first N source images (in the "
+                         "stored order).", lower_bound=1)
+    flags.mark_flag_as_required("output")
 
-    def define_flags():
-        flags.DEFINE_string("output", None, "Where to write the statistics (JSON).")
-        flags.DEFINE_integer("max_images", None, "Read only the first N source images (in the "
-                             "stored order).", lower_bound=1)
-        flags.mark_flag_as_required("output")
+
+def _command() -> None:
+    """`python -m lsd_jax.size_constraints`."""
+    from lsd_jax.commands import run_config_command
 
     run_config_command(
         "lsd_jax.size_constraints", define_flags,

@@ -274,3 +274,30 @@ def test_spec_tables():
         for raw, train in spec.items():
             want[raw] = train
         np.testing.assert_array_equal(table, want)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+@pytest.mark.parametrize("name, manual, message", [
+    ("gta6", None, r"^unknown dataset 'gta6': expected one of gta5, synthia, "),
+    ("gta5/720p", None, r"^gta5 has no config '720p': expected one of full, 1280x720, "),
+    ("gta5/1280x720", None, r"^gta5/1280x720 is built from its downloaded files: give "
+                            r"--manual_dir"),
+    ("synthia/16", "missing", r"^--manual_dir .*missing: not a directory$"),
+    ("cityscapes_extracted/full", "empty", r"^cityscapes_extracted.*\(docs/data.md has the "
+                                           r"layout\)$"),
+])
+def test_prepare_refuses_bad_input_in_one_line_and_leaves_nothing_behind(
+        tmp_path, name, manual, message):
+    """`python -m lsd_jax.data.prepare`'s checks: before anything is created, or, for a build
+    that fails on the files, with what it had created removed."""
+    from lsd_jax.data import prepare
+
+    data_dir = tmp_path / "tfds"
+    manual_dir = None if manual is None else tmp_path / manual
+    if manual == "empty":
+        manual_dir.mkdir()
+    with pytest.raises(prepare.PrepareError, match=message) as error:
+        prepare.prepare(name, str(data_dir), manual_dir and str(manual_dir), False)
+    assert "\n" not in str(error.value)
+    assert not data_dir.exists()

@@ -29,7 +29,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.data_axis = "data"        # mesh axis the batch dimension is sharded over
     # Compute the float views (F's and G/D's) on the accelerators from uint8 images: 4x less
     # host->device traffic and the cheapest host pipeline (the float views cost the host more
-    # than decoding, see docs/benchmarks.md). The batches handed to the steps are the same.
+    # than decoding, see docs/performance.md). The batches handed to the steps are the same.
     c.views_on_device = True
     c.source = domain_config(name="synthetic_scenes/source", split="train", flip=True)
     c.target = domain_config(name="synthetic_scenes/target", split="train", flip=False)

@@ -134,7 +134,7 @@ def conv_valid_im2col(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
     per image) while the kernel is large (411 MB), and `kernel.reshape(k*k*in, out)` is free in
     row-major order, so forward and both gradients are single GEMMs with no copy of the
     kernel. XLA's CPU convolution, above all its kernel gradient, is 20x+ slower here, and a
-    per-row form spent most of its time transposing kernel rows (measured: docs/benchmarks.md).
+    per-row form spent most of its time transposing kernel rows (measured: docs/performance.md).
     Same result as a VALID `lax.conv_general_dilated`.
     """
     k_h, k_w, c_in, c_out = kernel.shape
@@ -210,7 +210,7 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     The padding is an explicit `jnp.pad` and the convolution VALID: XLA's CPU backend takes a
     slow generic path for the kernel gradient of an input-dilated convolution, or of a
     convolution whose padding is not "same"-like (10-40x slower, measured; see
-    docs/benchmarks.md), and never for this form. Stride 1 has a single phase and is computed
+    docs/performance.md), and never for this form. Stride 1 has a single phase and is computed
     by `conv_transpose_col2im` instead. Same result as `conv_transpose_dilated`, which
     `plain=True` computes instead.
 
@@ -219,7 +219,7 @@ def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int, padding: 
     NARROW_PHASE_CHANNELS outputs) on any backend but the CPU. Measured for G's to_image
     (64 -> 12 channels) at 1024x512 on an H200, kernel gradient: 11.1 ms float32 and 14.5 ms
     bfloat16 as cuDNN's convolution, 1.5 and 1.6 ms as the matrix product; on the 2-core CPU
-    the matrix product is the 13x slower form (docs/benchmarks.md).
+    the matrix product is the 13x slower form (docs/performance.md).
     """
     if plain:
         return conv_transpose_dilated(x, kernel, stride, padding)

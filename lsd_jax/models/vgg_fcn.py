@@ -152,7 +152,7 @@ class FCN8s(nn.Module):
     def _conv1_1(self, features: int, image: jax.Array) -> jax.Array:
         """conv1_1 (3x3 over the 3 colour channels, padding 100): the padding as its own op,
         then one matrix product over the 27-value patches (Im2ColConv). Same parameters as an
-        nn.Conv. Measured on an H200 at 1024x512 (docs/benchmarks.md): cuDNN's kernel
+        nn.Conv. Measured on an H200 at 1024x512 (docs/performance.md): cuDNN's kernel
         gradient of the padded 3-channel convolution takes 114 ms in bfloat16 (22 ms in
         float32), most of the iteration; as a matrix product it takes 0.4 ms."""
         return Im2ColConv(features, 3, kernel_init=backbone_init, dtype=self.dtype,
