@@ -60,6 +60,20 @@ def base_key(config) -> jax.Array:
     return jax.random.key(config.seed)
 
 
+def _say_f_starts_from_scratch(config) -> None:
+    """One line at start-up: F from random initialisation. A warning where the source is a real
+    dataset (every published result starts from ImageNet weights), a note on the embedded
+    benchmark (configs/synthetic.py is made to train without them)."""
+    field = next((name for name, backbones in preflight.KERAS_WEIGHTS_BACKBONES.items()
+                  if config.model.backbone in backbones), "vgg16_weights")
+    if config.data.source.name.startswith("synthetic_scenes"):
+        logging.info("F starts from random initialisation (no config.init weights)")
+    else:
+        logging.warning("F starts from random initialisation, without ImageNet weights: the "
+                        "published results need them (config.init.%s; README, 'ImageNet "
+                        "VGG16 weights')", field)
+
+
 def _import_weights(config, method: methods.Method,
                     states: methods.States) -> methods.States:
     """Pretrained weights named in config.init, into fresh states (optimizer states are zeros
@@ -96,6 +110,8 @@ def _import_weights(config, method: methods.Method,
         step, saved = checkpoint.read_network(init.f_workdir, "f", init.f_step)
         f_vars = _same_structure(saved, f_vars, f"F of step {step} in {init.f_workdir!r}")
         logging.info("F: from the checkpoint of step %d in %s", step, init.f_workdir)
+    if not (init.vgg16_weights or init.resnet_weights or init.torch_f or init.f_workdir):
+        _say_f_starts_from_scratch(config)
     f = f.replace(params=f_vars["params"], frozen=f_vars.get("frozen", {}),
                   batch_stats=f_vars.get("batch_stats", {}))
     states = {**states, "f": f}

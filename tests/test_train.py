@@ -391,6 +391,33 @@ def test_a_run_starts_from_the_f_of_another_runs_checkpoint(tmp_path):
                               jax.tree.leaves(started["f"].params)[0])
 
 
+def test_starting_f_without_imagenet_weights_is_said_in_one_line(tmp_path, caplog):
+    """A warning on a real source (the published results start from ImageNet weights), a note
+    on the embedded benchmark, nothing once F's weights come from anywhere."""
+    programs = tiny_programs()
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.data.source.name = "gta5/1280x720"
+    with caplog.at_level("INFO"):
+        initial_states(config, programs)
+    said = [r for r in caplog.records if "F starts from random initialisation" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
+    assert "config.init.vgg16_weights" in said[0].getMessage()
+    assert "\n" not in said[0].getMessage()
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        initial_states(tiny_config(str(tmp_path / "tfds")), programs)
+    said = [r for r in caplog.records if "F starts from random initialisation" in r.getMessage()]
+    assert [r.levelname for r in said] == ["INFO"]
+
+    save_states(tmp_path / "pre", programs.init(jax.random.key(8)), 10)
+    config.init.f_workdir = str(tmp_path / "pre")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        initial_states(config, programs)
+    assert not any("random initialisation" in r.getMessage() for r in caplog.records)
+
+
 def test_a_multi_level_run_starts_from_a_source_only_f_and_keeps_its_fresh_aux_head(tmp_path):
     pretrained = tiny_programs("source_only").init(jax.random.key(7))
     pretrained["f"] = pretrained["f"].replace(
