@@ -70,8 +70,8 @@ def _say_f_starts_from_scratch(config) -> None:
         logging.info("F starts from random initialisation (no config.init weights)")
     else:
         logging.warning("F starts from random initialisation, without ImageNet weights: the "
-                        "published results need them (config.init.%s; README, 'ImageNet "
-                        "VGG16 weights')", field)
+                        "published results need them (config.init.%s; README, 'Training on GTA5 "
+                        "or SYNTHIA')", field)
 
 
 def _import_weights(config, method: methods.Method,
