@@ -102,8 +102,10 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 
 def use_adapted_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Train on the AAN-adapted copy of the source (FCAN): the copy's directory is given as
-    --config.data.source.manual_dir (written by python -m lsd_jax.appearance_transfer with the
-    same config without :fcan). Sizes, crops and flips stay the source's."""
+    --config.data.source.manual_dir (written by python -m lsd_jax.appearance_transfer with a
+    variant of the same config that keeps the original source and :fcan's target, e.g.
+    configs/synthetic.py:fcan_ran; not the file's default variant where it sets another target,
+    as configs/synthetic.py's :demo does). Sizes, crops and flips stay the source's."""
     source = config.data.source
     source.name = f"appearance_adapted/{config.data.class_set}"
     source.split = "train"
@@ -114,7 +116,7 @@ def use_adapted_source(config: ml_collections.ConfigDict) -> ml_collections.Conf
 # The variants the published DeepLab-v2 settings (configs/gta_deeplab.py, synthia_deeplab.py)
 # offer. LSD's G needs FCN-8s's features.
 DEEPLAB_VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
-                    "source_only", "target_only")
+                    "source_only", "target_only", "dacs")
 
 
 def use_published_deeplab_setting(config: ml_collections.ConfigDict, variant: str,
@@ -141,7 +143,26 @@ def use_published_deeplab_setting(config: ml_collections.ConfigDict, variant: st
         config.source_only.optimizer = "output_space_sgd"
         config.data.source.flip = False
         config.train.num_steps = 150_000
+    if variant == "dacs":
+        use_published_dacs(config)
     return use_reference_iterations(config, advent_steps)
+
+
+def use_published_dacs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DACS's published setting (vikolss/DACS, configs/configUDA.json; docs/methods.md section
+    12): DeepLab-v2 ResNet-101 with the two ASPP branches its code sums (dilations 6 and 12),
+    512x512 random crops of the 1280x720 source and of the 1024x512 target, no flips, batch
+    2 + 2; S with the references' SGD (2.5e-4, classifiers at 10x, momentum 0.9, weight decay
+    5e-4, poly 0.9 over 250k iterations), 250k iterations; teacher 0.99, threshold 0.968."""
+    config.model.aspp_branches = 2
+    data = config.data
+    data.batch_size = 2
+    data.source.crop = data.target.crop = (512, 512)
+    data.source.flip = data.target.flip = False
+    config.dacs.optimizer = "output_space_sgd"
+    config.adaptsegnet.poly_steps = 250_000
+    config.train.num_steps = 250_000
+    return config
 
 
 def use_reference_iterations(config: ml_collections.ConfigDict,
@@ -264,7 +285,10 @@ def get_config() -> ml_collections.ConfigDict:
     # baseline of, "lsd_adam" (config.optim) or "output_space_sgd" (config.adaptsegnet's SGD,
     # momentum, weight decay, 10x classifiers and poly schedule, as AdaptSegNet / ADVENT, with
     # their loss: the cross-entropy averaged over pixels, whatever config.loss.reduction says).
-    config.source_only = ml_collections.ConfigDict(dict(optimizer="lsd_adam"))
+    config.source_only = ml_collections.ConfigDict(dict(
+        optimizer="lsd_adam",
+        warmup_steps=0,  # DAFormer's warmup: linear from 1e-6 x the rate over these steps
+    ))
 
     # Self-training with a mean teacher (method "dacs", docs/methods.md section 12): DACS's
     # values, and MIC's masked image consistency (mic_weight > 0; the dacs_mic variant).
@@ -279,6 +303,11 @@ def get_config() -> ml_collections.ConfigDict:
         mic_weight=0.0,         # MIC's masked image consistency (0 = off; dacs_mic: 1)
         mic_block_size=32,      # MIC's b at 512x512 crops (64 at HRDA's full resolution)
         mic_mask_ratio=0.7,     # the fraction of blocks masked
+        # DAFormer's strategies (off by default): the optimiser's warmup, linear from 1e-6 x
+        # the rate over these steps; pseudo-labelled pixels of the top and bottom rows weigh 0
+        # (DAFormer: 15 and 120 of a 512x512 Cityscapes crop, the ego car and the margin).
+        warmup_steps=0,
+        pseudo_label_crop=(0, 0),
     ))
 
     config.adversarial = ml_collections.ConfigDict(dict(

@@ -6,8 +6,8 @@
         --config.init.torch_f=/path/to/DeepLab_resnet_pretrained_init-f81d91e8.pth
     python -m lsd_jax.main --config configs/gta_deeplab.py:advent --workdir runs/gta_advent \
         --config.init.torch_f=/path/to/DeepLab_resnet_pretrained_imagenet.pth
-        (likewise :adaptsegnet, :adaptsegnet_ls, :minent, :source_only, :target_only; ImageNet
-        weights from Keras instead:
+        (likewise :adaptsegnet, :adaptsegnet_ls, :minent, :source_only, :target_only, :dacs;
+        ImageNet weights from Keras instead:
         --config.init.resnet_weights=/path/to/resnet101_weights_tf_dim_ordering_tf_kernels.h5)
 
 | variant | reference's iterations (stop; poly over 250k) | published mIoU (Cityscapes val) |
@@ -19,6 +19,7 @@
 | `advent` | 120,000 | 43.8 |
 | `source_only` | 150,000 (unverified: no paper gives it) | 36.6 (the baseline of both papers) |
 | `target_only` | 150,000 | the oracle: S on Cityscapes' own labels |
+| `dacs` | 250,000 (DACS: 512x512 crops, batch 2 + 2, two ASPP branches) | 52.1 |
 
 S: SGD (momentum 0.9, weight decay 5e-4, lr 2.5e-4, classifiers 10x), D: Adam 1e-4 (0.9, 0.99),
 poly 0.9; the baselines train S alone with the same SGD (`config.source_only.optimizer`). AdaptSegNet started from a COCO-trained DeepLab (`..._init-f81d91e8.pth`, its
@@ -42,7 +43,7 @@ import ml_collections
 from lsd_jax.config_files import load_sibling
 
 VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
-            "source_only", "target_only")
+            "source_only", "target_only", "dacs")
 
 
 def get_config(variant: str = "adaptsegnet_multi") -> ml_collections.ConfigDict:

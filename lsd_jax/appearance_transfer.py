@@ -11,7 +11,7 @@ at conv1 and the end of each stage of an ImageNet ResNet-50 (res2c, res3d, res4f
 1,000 steps o <- o - w_i * g / |g|, w_i = 10 (I - i) / I. The adapted images and the source's
 own labels are written as a dataset the training pipeline reads (`appearance_adapted`).
 
-    python -m lsd_jax.appearance_transfer --config configs/gta.py:fcan --output /data/gta5_aan \\
+    python -m lsd_jax.appearance_transfer --config configs/gta.py --output /data/gta5_aan \\
         [--config.aan.weights=resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5] \\
         [--max_images N]
 
@@ -406,6 +406,17 @@ def _source_examples(config, builder, image_key, label_key, max_images) -> Itera
         yield example["name"].decode(), example[image_key], example[label_key]
 
 
+def check_source(config) -> None:
+    """The copy is made from the original source: a config whose source is already a copy
+    (an experiment config's :fcan variant) is refused."""
+    name = config.data.source.name
+    if name.partition("/")[0] == "appearance_adapted":
+        raise AppearanceTransferError(
+            f"config.data.source.name={name!r} is already an adapted copy; give the config of "
+            "the original source and the target :fcan trains on (e.g. configs/gta.py or "
+            "configs/synthetic.py:fcan_ran, not their :fcan)")
+
+
 def write_adapted_copy(config, output: str, max_images: int | None = None,
                        progress=None) -> dict:
     """Adapt config.data.source's images to config.data.target's appearance into `output`
@@ -419,10 +430,7 @@ def write_adapted_copy(config, output: str, max_images: int | None = None,
     progress = progress or tqdm
     data, aan = config.data, config.aan
     objective = objective_from_config(aan)
-    if data.source.name.partition("/")[0] == "appearance_adapted":
-        raise AppearanceTransferError(
-            f"config.data.source.name={data.source.name!r} is already an adapted copy; give "
-            "the config of the original source (e.g. configs/gta.py, not configs/gta.py:fcan)")
+    check_source(config)
     source_builder = pipeline.load_builder(data.source.name, data.data_dir,
                                            data.source.manual_dir,
                                            data.source.config_overrides.to_dict())

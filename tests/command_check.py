@@ -17,7 +17,7 @@ defines its own (absl's flags are global: lsd_jax.main and lsd_jax.data.benchmar
 - lsd_jax.main, lsd_jax.size_constraints, lsd_jax.appearance_transfer: absl parses the flags
   (loading the config file with its variant and applying every `--config.*` override), then
   `preflight.check_config` runs the checks training starts with (the method's builder
-  included);
+  included), and appearance_transfer's own check of the source;
 - lsd_jax.benchmark: its own argument parsing, config resolution and the checks every run
   starts with;
 - lsd_jax.data.prepare: its flags, and a dataset name that TFDS knows, with its config;
@@ -137,6 +137,13 @@ def config_dry_run(flags, positional):
     preflight.check_config(flags.config)
 
 
+def appearance_transfer_dry_run(flags, positional):
+    from lsd_jax import appearance_transfer
+
+    config_dry_run(flags, positional)
+    appearance_transfer.check_source(flags.config)
+
+
 def prepare_dry_run(flags, positional):
     """The dataset name checked as the program checks it before building anything."""
     from lsd_jax.data import prepare
@@ -196,7 +203,8 @@ def checker(module_name):
 
         def define():
             commands.define_command_flags(own_flags)
-        dry_run = config_dry_run
+        dry_run = (appearance_transfer_dry_run if module_name.endswith("appearance_transfer")
+                   else config_dry_run)
     elif module_name in ("lsd_jax.main", "lsd_jax.data.prepare", "lsd_jax.data.benchmark"):
         loaded = []
 

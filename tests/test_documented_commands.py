@@ -201,7 +201,8 @@ MISSPELT = {
     "lsd_jax.data.prepare": [["gta6/1280x720", "--manual_dir", "/data/gta5"]],
     "lsd_jax.size_constraints": [["--config", "configs/gta.py", "--ouput", "s.json"]],
     "lsd_jax.appearance_transfer": [
-        ["--config", "configs/gta.py:fcan", "--output", "d", "--config.aan.iteration=5"]],
+        ["--config", "configs/gta.py", "--output", "d", "--config.aan.iteration=5"],
+        ["--config", "configs/gta.py:fcan", "--output", "d"]],  # a copy from a copy
 }
 PROGRAMS = sorted(MISSPELT) + ["lsd_jax.data.benchmark"]
 

@@ -242,6 +242,8 @@ def test_a_batch_is_fitted_and_the_teacher_grows_sure():
     ({"mic_block_size": 0}, r"config.dacs.mic_block_size=0: expected a positive number"),
     ({"mic_weight": -1.0}, r"config.dacs.mic_weight=-1.0"),
     ({"optimizer": "adamw"}, r"config.dacs.optimizer: expected one of"),
+    ({"warmup_steps": -1}, r"config.dacs.warmup_steps=-1: expected a number of steps"),
+    ({"pseudo_label_crop": (15,)}, r"config.dacs.pseudo_label_crop=\(15,\): expected \(top"),
 ])
 def test_bad_fields_are_named(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -297,3 +299,80 @@ def test_the_variants_summarise_with_the_teacher_beside_f(config_file):
         assert re.search(rf"^TEACHER total: {f_total} parameters", text, re.M), text
         assert "TEACHER (FCN8s): parameters (a copy of F's at the start, then their moving " \
                "average; no gradient)" in text
+
+
+# ----------------------------------------------------------------------------- DAFormer's strategies
+
+def test_warmup_rises_linearly_from_a_millionth_then_leaves_the_schedule_alone():
+    """The factor by hand, the logged rates, and the optimiser's actual first steps: SGD with
+    momentum (the references') and Adam (LSD's) take the warmed-up rate's step."""
+    steps = 1500
+    assert float(base.warmup_factor(0, steps)) == pytest.approx(1e-6)
+    assert float(base.warmup_factor(750, steps)) == pytest.approx(0.5 + 0.5e-6)
+    assert float(base.warmup_factor(1500, steps)) == 1.0 == float(base.warmup_factor(4000, steps))
+    for optimizer in ("output_space_sgd", "lsd_adam"):
+        plain = dacs_config(optimizer=optimizer)
+        warm = dacs_config(optimizer=optimizer, warmup_steps=steps)
+        (tx0, rates0), (tx1, rates1) = (st.source_only.optimizer_and_rates(c, "dacs")
+                                        for c in (plain, warm))
+        for step in (0, 1, 750, 1500, 2000):
+            for name, rate in rates0(step).items():
+                assert rates1(step)[name] == pytest.approx(
+                    rate * float(base.warmup_factor(step, steps)), rel=1e-6), (optimizer, step)
+        params = {"score_fr": {"kernel": jnp.ones((2, 2))}, "conv1_1": {"kernel": jnp.ones(3)}}
+        grads = jax.tree.map(lambda p: 0.5 * p, params)
+        s0, s1 = tx0.init(params), tx1.init(params)
+        for step in range(3):  # the same gradients; the warmed-up steps are the factor smaller
+            u0, s0 = tx0.update(grads, s0, params)
+            u1, s1 = tx1.update(grads, s1, params)
+            factor = float(base.warmup_factor(step, steps))
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a * factor, rtol=1e-5),
+                         u0, u1)
+    assert st.source_only.optimizer_and_rates(dacs_config(), "dacs")[0] is not None
+    plain_tx = base.f_optimizer(dacs_config().optim)
+    assert base.with_warmup(plain_tx, 0) is plain_tx   # off: the same transformation
+
+
+def test_the_pseudo_label_crop_zeroes_the_top_and_bottom_rows():
+    weights = np.asarray(st.pseudo_label_weights(jnp.float32(0.7), (2, 10, 4), (2, 3)))
+    assert weights.shape == (2, 10, 4)
+    np.testing.assert_array_equal(weights[:, :2], 0.0)
+    np.testing.assert_array_equal(weights[:, -3:], 0.0)
+    np.testing.assert_allclose(weights[:, 2:7], 0.7)
+    np.testing.assert_allclose(np.asarray(st.pseudo_label_weights(jnp.float32(0.7), (1, 4, 2),
+                                                                  (0, 0))), 0.7)
+    # In the loss: with every row cropped, the pseudo-labelled pixels of the mixed image (and
+    # MIC's whole masked term) weigh nothing, the source pixels still do.
+    config = dacs_config(mic_weight=1.0, pseudo_label_crop=(0, 64))
+    method = methods.build(config)
+    states = method.init(jax.random.key(0))
+    f = method.networks["f"]
+    _, (terms, _) = st.student_loss(f, config.dacs, config.num_classes,
+                                    states["f"].variables(), states["teacher"], batch(),
+                                    jax.random.key(2))
+    assert float(terms["mic"]) == 0.0 and float(terms["mix"]) > 0.0
+
+
+def test_the_published_dacs_settings():
+    """configs/gta_deeplab.py:dacs and synthia_deeplab.py:dacs against DACS's numbers."""
+    from train_helpers import load_config_file
+
+    for name, source_size in (("gta_deeplab", (720, 1280)), ("synthia_deeplab", (760, 1280))):
+        config = load_config_file(name, "dacs")
+        assert config.method == "dacs" and config.update_mode == "alternating"
+        assert config.model.backbone == "deeplabv2_resnet101" and config.model.aspp_branches == 2
+        data = config.data
+        assert data.batch_size == 2 and tuple(data.source.resize) == source_size
+        assert tuple(data.source.crop) == tuple(data.target.crop) == (512, 512)
+        assert not data.source.flip and not data.target.flip
+        assert data.target.name == "cityscapes_extracted/1024x512"
+        assert config.train.num_steps == 250_000
+        assert config.dacs.optimizer == "output_space_sgd" and config.dacs.ema_alpha == 0.99
+        assert config.dacs.confidence_threshold == 0.968 and config.dacs.mic_weight == 0.0
+        block = config.adaptsegnet
+        assert (block.s_lr, block.classifier_lr_mult, block.momentum, block.weight_decay,
+                block.poly_power, block.poly_steps) == (2.5e-4, 10.0, 0.9, 5e-4, 0.9, 250_000)
+        _, rates = st.source_only.optimizer_and_rates(config, "dacs")
+        assert rates(0) == {"lr/f": pytest.approx(2.5e-4), "lr/f_classifier": pytest.approx(2.5e-3)}
+        assert rates(125_000)["lr/f"] == pytest.approx(2.5e-4 * 0.5 ** 0.9)
+        methods.build(config)  # the method accepts it

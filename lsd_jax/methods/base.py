@@ -204,6 +204,38 @@ def f_learning_rates(optim) -> Callable[[int], dict[str, float]]:
     return rates
 
 
+# DAFormer's warmup (mmcv's "linear"): the schedule's rate times a factor rising linearly from
+# WARMUP_RATIO at step 0 to 1 at `steps`, then the schedule alone.
+WARMUP_RATIO = 1e-6
+
+
+def warmup_factor(step, steps: int):
+    """1 - (1 - step / steps) (1 - WARMUP_RATIO) for step < steps, else 1 (written as
+    ratio + (1 - ratio) progress, exact at step 0 in float32)."""
+    if steps <= 0:
+        return jnp.ones_like(jnp.asarray(step, jnp.float32))
+    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / steps, 1.0)
+    return WARMUP_RATIO + (1.0 - WARMUP_RATIO) * progress
+
+
+def with_warmup(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """`tx` with its updates scaled by warmup_factor(step): for SGD (momentum included: the
+    rate multiplies the momentum buffer), Adam and AdamW alike the same as scaling the learning
+    rate. No warmup (the same transformation) for steps <= 0."""
+    if steps <= 0:
+        return tx
+    return optax.chain(tx, optax.scale_by_schedule(lambda step: warmup_factor(step, steps)))
+
+
+def warmed_up_rates(rates: Callable[[int], dict[str, float]], steps: int
+                    ) -> Callable[[int], dict[str, float]]:
+    """The logged learning rates of a `with_warmup` transformation."""
+    if steps <= 0:
+        return rates
+    return lambda step: {name: rate * float(warmup_factor(step, steps))
+                         for name, rate in rates(step).items()}
+
+
 def init_network(module: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                  *inputs, **kwargs) -> NetState:
     """A network's fresh state from example inputs (parameter shapes never depend on the image

@@ -11,7 +11,8 @@ the teacher follows the student's new parameters, DACS's order):
              the target image; colour jitter and Gaussian blur on the mixed images; the loss is
                  CE(source) + mean over all pixels of (w x CE(mixed)),
              w = 1 on source pixels, and on pseudo-labelled ones the fraction of the batch's
-             target pixels whose teacher confidence is >= the threshold (one scalar per batch).
+             target pixels whose teacher confidence is >= the threshold (one scalar per batch),
+             0 in the rows of `pseudo_label_crop` (DAFormer's; off by default).
              With MIC (`mic_weight` > 0): plus mic_weight x the same weighted CE of the student's
              prediction on the target image, freshly jittered and blurred, with b x b blocks
              masked (each with probability `mic_mask_ratio`; masked pixels 0 in F's input, the
@@ -75,6 +76,16 @@ def confident_fraction(confidence: jax.Array, threshold: float) -> jax.Array:
     """DACS's weight of the pseudo-labelled pixels: the fraction of the batch's target pixels
     whose confidence reaches the threshold (one scalar)."""
     return jnp.mean((confidence >= threshold).astype(jnp.float32))
+
+
+def pseudo_label_weights(weight: jax.Array, shape: tuple[int, int, int],
+                         crop: tuple[int, int]) -> jax.Array:
+    """(n, h, w) weights of pseudo-labelled pixels: the confidence weight, 0 on the top crop[0]
+    and bottom crop[1] rows (DAFormer's pseudo-label crop)."""
+    top, bottom = crop
+    rows = jnp.arange(shape[1])
+    kept = (rows >= top) & (rows < shape[1] - bottom)
+    return jnp.broadcast_to(jnp.where(kept, weight, 0.0)[None, :, None], shape)
 
 
 def weighted_ce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
@@ -238,6 +249,10 @@ def check_block(block) -> None:
     if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
         raise ValueError(f"config.dacs.blur_sigma={block.blur_sigma!r}: expected (low, high) "
                          "with 0 < low <= high")
+    crop = tuple(block.pseudo_label_crop)
+    if len(crop) != 2 or not all(isinstance(r, int) and r >= 0 for r in crop):
+        raise ValueError(f"config.dacs.pseudo_label_crop={block.pseudo_label_crop!r}: expected "
+                         "(top rows, bottom rows), each 0 or more")
     if not isinstance(block.mic_block_size, int) or block.mic_block_size < 1:
         raise ValueError(f"config.dacs.mic_block_size={block.mic_block_size!r}: expected a "
                          "positive number of pixels")
@@ -275,7 +290,8 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
     mixed01 = strong_augment(jax.random.fold_in(key, _MIXED_AUGMENT), mixed01, block)
     mixed_scores, variables = student(variables, f_view(mixed01),
                                       jax.random.fold_in(key, _MIXED_DROPOUT))
-    terms["mix"] = weighted_ce(mixed_scores, mixed_labels, jnp.where(mask, 1.0, weight))
+    pseudo_weights = pseudo_label_weights(weight, pseudo.shape, tuple(block.pseudo_label_crop))
+    terms["mix"] = weighted_ce(mixed_scores, mixed_labels, jnp.where(mask, 1.0, pseudo_weights))
     loss = terms["seg"] + terms["mix"]
     if block.mic_weight > 0:
         masked01 = strong_augment(jax.random.fold_in(key, _MASKED_AUGMENT), target01, block)
@@ -284,7 +300,7 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
         masked = jnp.where(keep[..., None], f_view(masked01), 0.0)
         masked_scores, variables = student(variables, masked,
                                            jax.random.fold_in(key, _MASKED_DROPOUT))
-        terms["mic"] = weighted_ce(masked_scores, pseudo, jnp.full(pseudo.shape, weight))
+        terms["mic"] = weighted_ce(masked_scores, pseudo, pseudo_weights)
         loss = loss + block.mic_weight * terms["mic"]
     statistics = variables.get("batch_stats", {})
     return loss, ({"loss": loss, **terms, "confident": weight,

@@ -18,17 +18,23 @@ OPTIMIZERS = ("lsd_adam", "output_space_sgd")
 def optimizer_and_rates(config, field: str = "source_only"):
     """(optax transformation, step -> {"lr/...": rate}) for S's optimiser named by
     config.<field>.optimizer (the source-only baseline's, or another method's that trains S
-    alone the same way)."""
+    alone the same way), warmed up over config.<field>.warmup_steps (DAFormer's; 0: none)."""
     choice = config[field].optimizer
     base.check_choice(f"{field}.optimizer", choice, OPTIMIZERS)
+    warmup = config[field].warmup_steps
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"config.{field}.warmup_steps={warmup!r}: expected a number of steps "
+                         "(0: no warmup)")
     if choice == "lsd_adam":
-        return base.f_optimizer(config.optim), base.f_learning_rates(config.optim)
-    block = config.adaptsegnet
-    adaptsegnet.check_block(block, "adaptsegnet", ())
-    backbone = adaptsegnet.poly_schedule(block.s_lr, block)
-    classifier = adaptsegnet.poly_schedule(block.s_lr * block.classifier_lr_mult, block)
-    return adaptsegnet.s_optimizer(block), lambda step: {
-        "lr/f": float(backbone(step)), "lr/f_classifier": float(classifier(step))}
+        tx, rates = base.f_optimizer(config.optim), base.f_learning_rates(config.optim)
+    else:
+        block = config.adaptsegnet
+        adaptsegnet.check_block(block, "adaptsegnet", ())
+        backbone = adaptsegnet.poly_schedule(block.s_lr, block)
+        classifier = adaptsegnet.poly_schedule(block.s_lr * block.classifier_lr_mult, block)
+        tx, rates = adaptsegnet.s_optimizer(block), lambda step: {
+            "lr/f": float(backbone(step)), "lr/f_classifier": float(classifier(step))}
+    return base.with_warmup(tx, warmup), base.warmed_up_rates(rates, warmup)
 
 
 def loss_reduction(config) -> str:
