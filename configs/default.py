@@ -308,6 +308,12 @@ def get_config() -> ml_collections.ConfigDict:
         # (DAFormer: 15 and 120 of a 512x512 Cityscapes crop, the ego car and the margin).
         warmup_steps=0,
         pseudo_label_crop=(0, 0),
+        # DAFormer's ImageNet feature distance (0 = off; DAFormer 0.005): the L2 distance
+        # between F's and a frozen ImageNet copy's last-stage features on source images, over
+        # the cells labelled with these classes. Needs ImageNet weights in config.init.
+        feature_distance_weight=0.0,
+        feature_distance_classes=("traffic light", "traffic sign", "person", "rider", "car",
+                                  "truck", "bus", "train", "motorcycle", "bicycle"),
     ))
 
     config.adversarial = ml_collections.ConfigDict(dict(

@@ -376,3 +376,97 @@ def test_the_published_dacs_settings():
         assert rates(0) == {"lr/f": pytest.approx(2.5e-4), "lr/f_classifier": pytest.approx(2.5e-3)}
         assert rates(125_000)["lr/f"] == pytest.approx(2.5e-4 * 0.5 ** 0.9)
         methods.build(config)  # the method accepts it
+
+
+def test_feature_distance_labels_mask_and_an_empty_mask():
+    """DAFormer's downscaled labels (a cell takes a class covering 3/4 of its patch) and the
+    distance's mean over the cells of the chosen classes, by hand; no such cell gives 0."""
+    labels = np.full((1, 4, 4), 0, np.int32)
+    labels[0, :2, :2] = 13                     # a whole 2x2 patch of car
+    labels[0, :2, 2:] = [[13, 13], [13, 2]]    # 3/4 car: still car
+    labels[0, 2:, :2] = [[13, 13], [2, 2]]     # 1/2 car: ignored
+    labels[0, 2:, 2:] = IGNORE_LABEL           # unlabelled: ignored
+    small = np.asarray(st.downscale_labels(jnp.asarray(labels), 2, CLASSES))
+    np.testing.assert_array_equal(small, [[[13, 13], [IGNORE_LABEL, IGNORE_LABEL]]])
+    # A ceil-mode DeepLab map one cell larger (H/8 + 1): its border cells are ignored.
+    big = np.zeros((1, 16, 24), np.int32) + 13
+    cells = np.asarray(st.labels_of_features(jnp.asarray(big), (3, 4), CLASSES))
+    np.testing.assert_array_equal(cells[0, :2, :3], 13)
+    assert (cells[0, 2] == IGNORE_LABEL).all() and (cells[0, :, 3] == IGNORE_LABEL).all()
+
+    student = jnp.zeros((1, 2, 2, 3)).at[0, 0, 0].set(jnp.array([3.0, 4.0, 0.0]))
+    imagenet = jnp.zeros((1, 2, 2, 3))
+    things = jnp.asarray([13])
+    # Cells (0, 0) at distance 5 and (0, 1) at 0 are cars: mean 2.5; the others do not count.
+    student = student.at[0, 1, 1].set(100.0)
+    assert float(st.feature_distance(student, imagenet, small, things)) == pytest.approx(2.5)
+    none = jnp.full((1, 2, 2), IGNORE_LABEL)
+    value, grad = jax.value_and_grad(
+        lambda s: st.feature_distance(s, imagenet, none, things))(student)
+    assert float(value) == 0.0 and np.isfinite(np.asarray(grad)).all()
+    # Equal features (F as it starts): distance 0, gradient 0, not NaN.
+    grad = jax.grad(lambda s: st.feature_distance(s, s * 1.0, small, things))(imagenet)
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
+
+
+def fd_config(**init):
+    config = dacs_config("dacs", feature_distance_weight=0.005)
+    config.model.backbone = "deeplabv2_resnet101"
+    config.model.resnet_blocks = (1, 1, 1, 1)
+    config.init.update(init)
+    return config
+
+
+@pytest.mark.parametrize("backbone, init, message", [
+    ("deeplabv2_resnet101", {}, r"compares F with its ImageNet weights, and none are given"),
+    ("deeplabv2_resnet101", {"resnet_weights": "r.h5", "f_workdir": "runs/pre"},
+     r"config.init.f_workdir starts F from another run"),
+    ("fcn8s_vgg16", {"vgg16_weights": "v.h5"}, r"needs a DeepLab-v2 backbone"),
+])
+def test_the_feature_distance_is_refused_without_imagenet_weights(backbone, init, message):
+    config = fd_config(**init)
+    config.model.backbone = backbone
+    with pytest.raises(ValueError, match=message) as error:
+        methods.build(config)
+    assert "\n" not in str(error.value)
+
+
+def test_the_feature_distance_classes_by_name_in_each_class_set():
+    config = fd_config(resnet_weights="r.h5")
+    assert st.thing_class_indices(config) == (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+    config.data.class_set, config.num_classes = "synthia16", 16
+    from lsd_jax.data import classes
+    names = [classes.class_names("synthia16")[i] for i in st.thing_class_indices(config)]
+    assert names == ["traffic light", "traffic sign", "person", "rider", "car", "bus",
+                     "motorcycle", "bicycle"]   # no truck or train in SYNTHIA's 16
+    config.dacs.feature_distance_classes = ("car", "lorry")
+    with pytest.raises(ValueError, match=r"\['lorry'\] are not class names"):
+        st.thing_class_indices(config)
+
+
+@pytest.mark.slow  # compiles a DeepLab student's loss
+def test_the_feature_distance_term_against_a_frozen_imagenet_copy():
+    """About 20 s. The copy is F as config.init made it (states["imagenet"]), run in
+    evaluation mode; with BatchNorm on its running statistics in training too ("frozen"), the
+    term is 0 at the start (in the references' mode, batch statistics, it is not, as in
+    DAFormer); once F moves it is positive, and its gradient reaches F."""
+    config = fd_config(resnet_weights="r.h5")
+    config.model.bn_statistics = "frozen"
+    method = methods.build(config)
+    assert method.copies_of_f == ("imagenet",) and "f/fd" in method.console_terms
+    states = method.init(jax.random.key(0))
+    f = method.networks["f"]
+    b = batch()
+    b["source_label"] = jnp.full_like(b["source_label"], 13)   # all car: every cell counts
+
+    @jax.jit
+    def terms(student_params, imagenet):
+        _, (t, _) = st.student_loss(f, config.dacs, config.num_classes,
+                                    states["f"].variables(student_params), states["teacher"], b,
+                                    jax.random.key(2), imagenet, st.thing_class_indices(config))
+        return t["fd"]
+    assert float(terms(states["f"].params, states["imagenet"])) == pytest.approx(0.0, abs=1e-6)
+    moved = jax.tree.map(lambda p: p * 1.1, states["f"].params)
+    assert float(terms(moved, states["imagenet"])) > 0.0
+    grads = jax.grad(lambda p, i: terms(p, i), argnums=(0,))(moved, states["imagenet"])
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))

@@ -35,6 +35,9 @@ from lsd_jax.models import VGG_MEAN_BGR
 from lsd_jax.models.layers import at_least_float32
 
 TEACHER = "teacher"
+IMAGENET = "imagenet"  # the frozen copy of F as its ImageNet weights made it (feature distance)
+FEATURE_LABEL_MIN_RATIO = 0.75  # DAFormer's: a feature cell's label covers 3/4 of its patch
+DEEPLAB_OUTPUT_STRIDE = 8
 # Streams of the step key; 0 and 1 are F's dropout on the source and target images, as in
 # every method (base.f_dropout_key).
 _MIXED_DROPOUT, _MASKED_DROPOUT, _CLASSMIX, _MIXED_AUGMENT, _MASKED_AUGMENT, _MIC_MASK = (
@@ -229,6 +232,84 @@ def mic_mask(key: jax.Array, shape: tuple[int, int, int], block_size: int, ratio
 
 # ----------------------------------------------------------------------------- the student
 
+def downscale_labels(labels: jax.Array, factor: int, num_classes: int,
+                     min_ratio: float = FEATURE_LABEL_MIN_RATIO) -> jax.Array:
+    """(n, H/factor, W/factor) labels: each cell takes the class covering at least `min_ratio`
+    of its factor x factor patch of the (n, H, W) label map, else the ignore label (DAFormer's
+    downscale_label_ratio)."""
+    n, height, width = labels.shape
+    if height % factor or width % factor:
+        raise ValueError(f"labels of {height}x{width} do not split into {factor}x{factor} "
+                         "patches")
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # ignore: all zero
+    patches = one_hot.reshape(n, height // factor, factor, width // factor, factor,
+                              num_classes)
+    fraction = patches.mean(axis=(2, 4))
+    best = jnp.argmax(fraction, axis=-1)
+    return jnp.where(jnp.max(fraction, axis=-1) >= min_ratio, best, IGNORE_LABEL)
+
+
+def labels_of_features(labels: jax.Array, size: tuple[int, int], num_classes: int
+                       ) -> jax.Array:
+    """The labels of a DeepLab feature map of `size` (output stride 8): downscaled 8x; the
+    extra last row and column of a ceil-mode map (H/8 + 1, the references' DeepLab) cover
+    partial windows at the border and are ignored."""
+    small = downscale_labels(labels, DEEPLAB_OUTPUT_STRIDE, num_classes)
+    extra = (size[0] - small.shape[1], size[1] - small.shape[2])
+    if min(extra) < 0 or max(extra) > 1:
+        raise ValueError(f"features of {size} do not match labels of {labels.shape[1:]} at "
+                         f"stride {DEEPLAB_OUTPUT_STRIDE}")
+    return jnp.pad(small, ((0, 0), (0, extra[0]), (0, extra[1])), constant_values=IGNORE_LABEL)
+
+
+def feature_distance(student: jax.Array, imagenet: jax.Array, labels: jax.Array,
+                     classes: jax.Array) -> jax.Array:
+    """DAFormer's ImageNet feature distance: the mean over the feature cells whose
+    (downscaled) label is one of `classes` of the L2 distance between the two feature vectors;
+    0 where no cell is (DAFormer's mean over none would be NaN)."""
+    distance = jnp.sqrt(jnp.sum(jnp.square(at_least_float32(student)
+                                           - at_least_float32(imagenet)), axis=-1) + 1e-16)
+    mask = jnp.isin(labels, classes)
+    count = jnp.sum(mask)
+    return jnp.where(count > 0, jnp.sum(jnp.where(mask, distance, 0.0)) / jnp.maximum(count, 1),
+                     0.0)
+
+
+def thing_class_indices(config) -> tuple[int, ...]:
+    """The indices, in the config's class set, of `dacs.feature_distance_classes` (Cityscapes
+    class names; those the class set lacks, e.g. truck and train in SYNTHIA's 16, have no
+    pixels to measure and are left out, as in DAFormer's SYNTHIA runs)."""
+    from lsd_jax.data import classes
+
+    wanted = tuple(config.dacs.feature_distance_classes)
+    unknown = [name for name in wanted if name not in classes.CITYSCAPES_CLASSES]
+    if unknown:
+        raise ValueError(f"config.dacs.feature_distance_classes: {unknown} are not class names "
+                         f"(expected some of {classes.CITYSCAPES_CLASSES})")
+    names = classes.class_names(config.data.class_set)
+    return tuple(names.index(name) for name in wanted if name in names)
+
+
+def check_feature_distance(config) -> None:
+    """The feature distance compares F with F as ImageNet made it: refused, in one line,
+    without ImageNet weights for F's backbone, when F starts from another run instead, or on
+    FCN-8s, whose fc7 grid is not a downscaling of the image (DAFormer uses the backbone's
+    last stage: DeepLab's layer4, LargeFOV's fc7, both at 1/8)."""
+    init = config.init
+    if config.model.backbone == "fcn8s_vgg16":
+        raise ValueError("config.dacs.feature_distance_weight > 0 needs a DeepLab-v2 backbone "
+                         "(config.model.backbone=deeplabv2_resnet101 or deeplabv2_vgg16): "
+                         "FCN-8s's fc7 is not aligned with the labels")
+    if not (init.resnet_weights or init.vgg16_weights or init.torch_f):
+        raise ValueError("config.dacs.feature_distance_weight > 0 compares F with its ImageNet "
+                         "weights, and none are given: set config.init.resnet_weights (or "
+                         "vgg16_weights, or torch_f to an ImageNet-trained DeepLab file)")
+    if init.f_workdir:
+        raise ValueError("config.dacs.feature_distance_weight > 0 compares F with its ImageNet "
+                         "weights, but config.init.f_workdir starts F from another run: the "
+                         "frozen copy would be that run's F, not ImageNet's")
+
+
 def check_block(block) -> None:
     """`config.dacs`'s values, or an error naming the field."""
     def number(name, low, high, closed_high=True):
@@ -245,6 +326,7 @@ def check_block(block) -> None:
         number(name, 0.0, 1.0)
     number("mic_mask_ratio", 0.0, 1.0, closed_high=False)
     number("mic_weight", 0.0, float("inf"), closed_high=False)
+    number("feature_distance_weight", 0.0, float("inf"), closed_high=False)
     sigma = tuple(block.blur_sigma)
     if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
         raise ValueError(f"config.dacs.blur_sigma={block.blur_sigma!r}: expected (low, high) "
@@ -267,20 +349,35 @@ def check_batch(batch) -> None:
 
 
 def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetState, batch,
-                 key) -> tuple[jax.Array, tuple[dict, base.Params]]:
+                 key, imagenet: base.NetState | None = None, thing_classes: tuple[int, ...] = ()
+                 ) -> tuple[jax.Array, tuple[dict, base.Params]]:
     """The student's loss (see the module docstring), its terms, and BatchNorm's running
-    statistics after its passes (source, mixed, masked, each starting from the last's)."""
+    statistics after its passes (source, mixed, masked, each starting from the last's). With
+    `feature_distance_weight` > 0, `imagenet` is the frozen ImageNet copy of F and
+    `thing_classes` the label indices the distance is taken on."""
     def student(variables, image, dropout_key):
-        """The student's scores in training mode; the variables for its next pass (BatchNorm's
+        """The student's outputs in training mode; the variables for its next pass (BatchNorm's
         running statistics as this pass left them)."""
         outputs, statistics = base.f_outputs(f, variables, image, train=True, key=dropout_key,
                                              update_statistics=True)
-        return outputs["score"], ({**variables, "batch_stats": statistics} if statistics
-                                  else variables)
+        return outputs, ({**variables, "batch_stats": statistics} if statistics
+                         else variables)
 
-    source_scores, variables = student(variables, batch["source_image"],
-                                       base.f_dropout_key(key, "source"))
-    terms = {"seg": losses.ce2d(source_scores, batch["source_label"], "mean")}
+    source_outputs, variables = student(variables, batch["source_image"],
+                                        base.f_dropout_key(key, "source"))
+    terms = {"seg": losses.ce2d(source_outputs["score"], batch["source_label"], "mean")}
+    extra = 0.0
+    if block.feature_distance_weight > 0:
+        features = base.output_names(f)[1]  # the backbone's last stage (layer4 / fc7)
+        imagenet_outputs, _ = base.f_outputs(f, imagenet.variables(), batch["source_image"],
+                                             train=False)
+        student_features = source_outputs[features]
+        labels = labels_of_features(batch["source_label"], student_features.shape[1:3],
+                                    num_classes)
+        terms["fd"] = feature_distance(student_features,
+                                       jax.lax.stop_gradient(imagenet_outputs[features]),
+                                       labels, jnp.asarray(thing_classes))
+        extra = block.feature_distance_weight * terms["fd"]
 
     pseudo, confidence = pseudo_labels(f, teacher, batch["target_image"])
     weight = confident_fraction(confidence, block.confidence_threshold)
@@ -288,18 +385,20 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
     mixed01, mixed_labels, mask = classmix(jax.random.fold_in(key, _CLASSMIX), source01,
                                            target01, batch["source_label"], pseudo, num_classes)
     mixed01 = strong_augment(jax.random.fold_in(key, _MIXED_AUGMENT), mixed01, block)
-    mixed_scores, variables = student(variables, f_view(mixed01),
-                                      jax.random.fold_in(key, _MIXED_DROPOUT))
+    mixed_outputs, variables = student(variables, f_view(mixed01),
+                                       jax.random.fold_in(key, _MIXED_DROPOUT))
+    mixed_scores = mixed_outputs["score"]
     pseudo_weights = pseudo_label_weights(weight, pseudo.shape, tuple(block.pseudo_label_crop))
     terms["mix"] = weighted_ce(mixed_scores, mixed_labels, jnp.where(mask, 1.0, pseudo_weights))
-    loss = terms["seg"] + terms["mix"]
+    loss = terms["seg"] + terms["mix"] + extra
     if block.mic_weight > 0:
         masked01 = strong_augment(jax.random.fold_in(key, _MASKED_AUGMENT), target01, block)
         keep = mic_mask(jax.random.fold_in(key, _MIC_MASK), pseudo.shape, block.mic_block_size,
                         block.mic_mask_ratio)
         masked = jnp.where(keep[..., None], f_view(masked01), 0.0)
-        masked_scores, variables = student(variables, masked,
-                                           jax.random.fold_in(key, _MASKED_DROPOUT))
+        masked_outputs, variables = student(variables, masked,
+                                            jax.random.fold_in(key, _MASKED_DROPOUT))
+        masked_scores = masked_outputs["score"]
         terms["mic"] = weighted_ce(masked_scores, pseudo, pseudo_weights)
         loss = loss + block.mic_weight * terms["mic"]
     statistics = variables.get("batch_stats", {})
@@ -307,12 +406,14 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
                    "mixed_source_fraction": jnp.mean(mask.astype(jnp.float32))}, statistics)
 
 
-def student_update(f, tx, block, num_classes: int, states, batch, key):
+def student_update(f, tx, block, num_classes: int, states, batch, key,
+                   thing_classes: tuple[int, ...] = ()):
     check_batch(batch)
     student, teacher = states["f"], states[TEACHER]
     grads, (metrics, statistics) = jax.grad(
         lambda p: student_loss(f, block, num_classes, student.variables(p), teacher, batch,
-                               key), has_aux=True)(student.params)
+                               key, states.get(IMAGENET), thing_classes),
+        has_aux=True)(student.params)
     new = base.apply_gradients(tx, student, grads).replace(batch_stats=statistics)
     return new, base.with_grad_norm(metrics, grads)
 
@@ -329,21 +430,29 @@ def build(config) -> base.Method:
     f = base.segmentation_network(config)
     tx, learning_rates = source_only.optimizer_and_rates(config, "dacs")
     num_classes = config.num_classes
+    with_fd = block.feature_distance_weight > 0
+    if with_fd:
+        check_feature_distance(config)
+    thing_classes = thing_class_indices(config) if with_fd else ()
+    copies = (IMAGENET,) if with_fd else ()
 
     def init(key):
         student = base.init_network(f, tx, base.init_keys(key)[0], base.example_image(),
                                     train=False)
-        return {"f": student, TEACHER: base.average_copy(student)}
+        # The ImageNet copy is made again once config.init's weights are in F (copies_of_f).
+        return {"f": student, TEACHER: base.average_copy(student),
+                **{name: base.fixed_copy(student) for name in copies}}
 
     def output_shapes(states, image):
         shapes = base.f_output_shapes(f, states, image)
-        return {"f": shapes, TEACHER: shapes}
+        return {"f": shapes, TEACHER: shapes, **{name: shapes for name in copies}}
 
     return base.Method(
         name="dacs_mic" if block.mic_weight > 0 else "dacs",
-        networks={"f": f, TEACHER: f},
+        networks={"f": f, TEACHER: f, **{name: f for name in copies}},
         updates={
-            "f": lambda s, batch, key: student_update(f, tx, block, num_classes, s, batch, key),
+            "f": lambda s, batch, key: student_update(f, tx, block, num_classes, s, batch, key,
+                                                      thing_classes),
             TEACHER: lambda s, batch, key: ema_update(block.ema_alpha, s[TEACHER], s["f"]),
         },
         mode="alternating",
@@ -354,7 +463,8 @@ def build(config) -> base.Method:
         output_shapes=output_shapes,
         reads_target=True,
         console_terms=("f/seg", "f/mix", *(("f/mic",) if block.mic_weight > 0 else ()),
-                       "f/confident"),
+                       *(("f/fd",) if with_fd else ()), "f/confident"),
         averages_of_f=(TEACHER,),
+        copies_of_f=copies,
     )
 
