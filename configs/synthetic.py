@@ -82,14 +82,15 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         # outweighed ~400x by its summed adversarial terms, so G learns to reconstruct, and F's
         # adversarial terms carry weight beside its segmentation loss. On the selection slice,
         # from the pre-trained F, 600 steps: 17.8% mIoU with "mean" against 12.9% with "sum"
-        # (source-only 13.0%); docs/benchmark.md. The baselines keep "sum" (Adam makes them
-        # nearly indifferent to a constant scale).
+        # (source-only 13.0%); docs/results.md, "Probes and run history". The baselines keep
+        # "sum" (Adam makes them nearly indifferent to a constant scale).
         config.loss.reduction = "mean"
     if variant == "adda":
         # The target encoder's rate, chosen on the selection slice (seed 0, effects-only shift,
-        # 600 iterations from the pre-trained F; docs/benchmark.md): 35.6% mIoU at 1e-5, 35.4 at
-        # 3e-5, 34.1 at 1e-4 (the pre-trained F itself: 33.8). At 3e-4 the encoder drifts away
-        # from the fixed classifier within 200 iterations (3.5% on the evaluation set at 1,200).
+        # 600 iterations from the pre-trained F; docs/results.md, "Probes"): 35.6% mIoU at
+        # 1e-5, 35.4 at 3e-5, 34.1 at 1e-4 (the pre-trained F itself: 33.8). At 3e-4 the
+        # encoder drifts away from the fixed classifier within 200 iterations (3.5% on the
+        # evaluation set at 1,200).
         config.optim.f_lr = 1e-5
     if variant == "fcn_wild":
         # F's rate, chosen the same way: 36.7% on the selection slice at 3e-6, 35.4 at 1e-6,
