@@ -61,7 +61,7 @@ def initialize_distributed(coordinator_address: str | None = None,
         # (a cluster found but misconfigured) must not silently start N independent runs.
         if configured or _NO_CLUSTER_MESSAGE not in str(error):
             raise
-        logging.info("No multi-process configuration found: running as a single process.")
+        logging.debug("No multi-process configuration found: running as a single process.")
         return False
     logging.info("jax.distributed started: process %d of %d, coordinator %s",
                  jax.process_index(), jax.process_count(),

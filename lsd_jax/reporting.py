@@ -203,8 +203,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
     step = config.eval.step if step is None else step
     preflight.check_config(config)
     checkpoint.check_workdir(workdir)  # the results are written there
+    _check_checkpoint_exists(workdir, step)  # before check_compatible's notes of what differs
     checkpoint.check_compatible(workdir, config)
-    _check_checkpoint_exists(workdir, step)
     programs = programs or build_programs(config)  # compiles nothing yet
     check_programs(programs, config)
     preflight.check_batch_sizes(config, programs.mesh, ("eval",))

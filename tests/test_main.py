@@ -145,11 +145,14 @@ def test_configs_load_without_tensorflow():
 # ----------------------------------------------------------------------------- errors
 
 def assert_one_line_error(result, message, exit_code=1):
-    """The run failed with exactly one line of its own, `lsd_jax: <message>...`."""
+    """The run failed with exactly one line of its own, `lsd_jax: <message>...`, and no
+    library's INFO line (absl's `I<mmdd> ...`) before it."""
     assert result.returncode == exit_code, result.stderr[-3000:]
     ours = [line for line in result.stderr.splitlines() if line.startswith("lsd_jax: ")]
     assert len(ours) == 1 and ours[0].startswith(f"lsd_jax: {message}"), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    before = result.stderr.split(ours[0])[0]
+    assert not re.search(r"^I\d{4} ", before, re.M), before[-3000:]
 
 
 @pytest.mark.parametrize("flags, message", [
