@@ -116,7 +116,7 @@ def use_adapted_source(config: ml_collections.ConfigDict) -> ml_collections.Conf
 # The variants the published DeepLab-v2 settings (configs/gta_deeplab.py, synthia_deeplab.py)
 # offer. LSD's G needs FCN-8s's features.
 DEEPLAB_VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
-                    "source_only", "target_only", "dacs")
+                    "source_only", "target_only", "dacs", "daformer", "mic")
 
 
 def use_published_deeplab_setting(config: ml_collections.ConfigDict, variant: str,
@@ -136,16 +136,43 @@ def use_published_deeplab_setting(config: ml_collections.ConfigDict, variant: st
     data.source.crop = None
     use_cityscapes_target(config)
     config.train.eval_every = 5000
-    config = apply_variant(config, variant)
+    # DAFormer's recipes are DACS's method with its strategies (MIC's: and masking).
+    config = apply_variant(config, {"daformer": "dacs", "mic": "dacs_mic"}.get(variant, variant))
     if variant in ("source_only", "target_only"):
         # The references' baseline: S alone with their SGD and poly schedule, and as many
         # iterations as AdaptSegNet (unverified: neither paper gives its baseline's count).
         config.source_only.optimizer = "output_space_sgd"
         config.data.source.flip = False
         config.train.num_steps = 150_000
-    if variant == "dacs":
+    if variant in ("dacs", "daformer", "mic"):
         use_published_dacs(config)
+    if variant in ("daformer", "mic"):
+        use_published_daformer(config)
     return use_reference_iterations(config, advent_steps)
+
+
+def use_published_daformer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DAFormer's DeepLab-v2 recipe on top of DACS's setting (lhoyer/DAFormer; docs/methods.md
+    section 12): AdamW 6e-5 (classifiers x10, weight decay 0.01), warmup over 1,500
+    iterations, linear decay, 40k iterations; rare-class sampling (T 0.01; its statistics file
+    is the run's to give: config.data.rcs.statistics); ImageNet feature distance 0.005 (needs
+    ImageNet weights in config.init); teacher 0.999; colour jitter 0.2 with probability 0.2;
+    pseudo-label crop of 15 and 120 rows; the ASPP's four branches (its DeepLab-v2 head).
+    MIC (the :mic variant) adds masked image consistency, 32x32 blocks, ratio 0.7, weight 1."""
+    config.model.aspp_branches = 4
+    config.dacs.optimizer = "daformer_adamw"
+    config.daformer_optim.poly_steps = 40_000
+    config.train.num_steps = 40_000
+    config.data.rcs.enabled = True
+    config.data.rcs.temperature = 0.01
+    block = config.dacs
+    block.warmup_steps = 1500
+    block.feature_distance_weight = 0.005
+    block.ema_alpha = 0.999
+    block.jitter_strength, block.jitter_probability = 0.2, 0.2
+    block.pseudo_label_crop = (15, 120)
+    block.mic_block_size, block.mic_mask_ratio = 32, 0.7
+    return config
 
 
 def use_published_dacs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -285,6 +312,13 @@ def get_config() -> ml_collections.ConfigDict:
     # baseline of, "lsd_adam" (config.optim) or "output_space_sgd" (config.adaptsegnet's SGD,
     # momentum, weight decay, 10x classifiers and poly schedule, as AdaptSegNet / ADVENT, with
     # their loss: the cross-entropy averaged over pixels, whatever config.loss.reduction says).
+    # DAFormer's AdamW for DeepLab-v2 (a choice of source_only.optimizer / dacs.optimizer:
+    # "daformer_adamw"): decoupled weight decay except on BatchNorm, the classifiers at 10x,
+    # poly decay with power 1 (linear) to 0.
+    config.daformer_optim = ml_collections.ConfigDict(dict(
+        lr=6e-5, classifier_lr_mult=10.0, weight_decay=0.01, b1=0.9, b2=0.999,
+        poly_power=1.0, poly_steps=40_000,
+    ))
     config.source_only = ml_collections.ConfigDict(dict(
         optimizer="lsd_adam",
         warmup_steps=0,  # DAFormer's warmup: linear from 1e-6 x the rate over these steps
@@ -294,7 +328,8 @@ def get_config() -> ml_collections.ConfigDict:
     # values, and MIC's masked image consistency (mic_weight > 0; the dacs_mic variant).
     config.dacs = ml_collections.ConfigDict(dict(
         # S's optimiser: "output_space_sgd" (DACS's: config.adaptsegnet's SGD 2.5e-4, momentum
-        # 0.9, weight decay 5e-4, classifiers at 10x, poly 0.9) or "lsd_adam" (config.optim).
+        # 0.9, weight decay 5e-4, classifiers at 10x, poly 0.9), "lsd_adam" (config.optim) or
+        # "daformer_adamw" (config.daformer_optim).
         optimizer="output_space_sgd",
         ema_alpha=0.99,         # the teacher's rate: min(1 - 1/(t + 1), ema_alpha)
         confidence_threshold=0.968,  # pseudo-labelled pixels weigh the fraction above this

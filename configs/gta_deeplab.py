@@ -20,6 +20,17 @@
 | `source_only` | 150,000 (unverified: no paper gives it) | 36.6 (the baseline of both papers) |
 | `target_only` | 150,000 | the oracle: S on Cityscapes' own labels |
 | `dacs` | 250,000 (DACS: 512x512 crops, batch 2 + 2, two ASPP branches) | 52.1 |
+| `daformer` | 40,000 (DAFormer's DeepLab-v2 recipe: AdamW, warmup, RCS, FD, crop) | 56.0 (DACS in it: 54.2) |
+| `mic` | 40,000 (the same with masked image consistency) | not in these notes |
+
+`:daformer` and `:mic` need ImageNet weights (`--config.init.resnet_weights=...`, for the
+feature distance) and the source's class statistics for rare-class sampling, written once:
+
+    python -m lsd_jax.data.rare_class --config configs/gta_deeplab.py:daformer \
+        --output runs/gta_rcs.json
+    python -m lsd_jax.main --config configs/gta_deeplab.py:daformer --workdir runs/gta_daformer \
+        --config.init.resnet_weights=/path/to/resnet101_weights_tf_dim_ordering_tf_kernels.h5 \
+        --config.data.rcs.statistics=runs/gta_rcs.json
 
 S: SGD (momentum 0.9, weight decay 5e-4, lr 2.5e-4, classifiers 10x), D: Adam 1e-4 (0.9, 0.99),
 poly 0.9; the baselines train S alone with the same SGD (`config.source_only.optimizer`). AdaptSegNet started from a COCO-trained DeepLab (`..._init-f81d91e8.pth`, its
@@ -43,7 +54,7 @@ import ml_collections
 from lsd_jax.config_files import load_sibling
 
 VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
-            "source_only", "target_only", "dacs")
+            "source_only", "target_only", "dacs", "daformer", "mic")
 
 
 def get_config(variant: str = "adaptsegnet_multi") -> ml_collections.ConfigDict:

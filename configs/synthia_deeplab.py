@@ -5,7 +5,8 @@ classes trained, the 16- and 13-class scores reported (docs/methods.md, 5-6 and 
     python -m lsd_jax.main --config configs/synthia_deeplab.py:advent --workdir runs/syn_advent \
         --config.init.torch_f=/path/to/DeepLab_resnet_pretrained_imagenet.pth
         (likewise :adaptsegnet_multi, :adaptsegnet, :adaptsegnet_ls, :minent, :source_only,
-        :target_only, :dacs)
+        :target_only, :dacs, :daformer, :mic; the last two need what configs/gta_deeplab.py
+        says)
 
 | variant | reference's iterations (stop; poly over 250k) | published mIoU (Cityscapes val) |
 |---|---|---|
@@ -13,6 +14,7 @@ classes trained, the 16- and 13-class scores reported (docs/methods.md, 5-6 and 
 | `advent` | 90,000 | 40.8 (16 classes) / 47.6 (13) |
 | `adaptsegnet`, `adaptsegnet_ls`, `minent` | 150,000 / 150,000 / 90,000 | not published for this pair |
 | `dacs` | 250,000 (DACS's setting, as in configs/gta_deeplab.py) | the DACS paper's SYNTHIA figure, not checked here |
+| `daformer`, `mic` | 40,000 (DAFormer's recipe, as in configs/gta_deeplab.py) | not in these notes |
 
 Optimisers, initialisation and the ASPP option as in configs/gta_deeplab.py. AdaptSegNet's
 SYNTHIA model was trained on 13 classes; here every variant trains on SYNTHIA's 16 and reports
@@ -28,7 +30,7 @@ import ml_collections
 from lsd_jax.config_files import load_sibling
 
 VARIANTS = ("adaptsegnet_multi", "adaptsegnet", "adaptsegnet_ls", "advent", "minent",
-            "source_only", "target_only", "dacs")
+            "source_only", "target_only", "dacs", "daformer", "mic")
 
 
 def get_config(variant: str = "advent") -> ml_collections.ConfigDict:

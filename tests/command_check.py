@@ -18,6 +18,7 @@ defines its own (absl's flags are global: lsd_jax.main and lsd_jax.data.benchmar
   (loading the config file with its variant and applying every `--config.*` override), then
   `preflight.check_config` runs the checks training starts with (the method's builder
   included), and appearance_transfer's own check of the source;
+- lsd_jax.data.rare_class: its flags and config (it writes what training checks for);
 - lsd_jax.benchmark: its own argument parsing, config resolution and the checks every run
   starts with;
 - lsd_jax.data.prepare: its flags, and a dataset name that TFDS knows, with its config;
@@ -196,15 +197,17 @@ def checker(module_name):
                  for option in action.option_strings}
         return check, names, lambda: None
 
-    if module_name in ("lsd_jax.size_constraints", "lsd_jax.appearance_transfer"):
+    if module_name in ("lsd_jax.size_constraints", "lsd_jax.appearance_transfer",
+                       "lsd_jax.data.rare_class"):
         from lsd_jax import commands
 
         own_flags = importlib.import_module(module_name).define_flags
 
         def define():
             commands.define_command_flags(own_flags)
-        dry_run = (appearance_transfer_dry_run if module_name.endswith("appearance_transfer")
-                   else config_dry_run)
+        dry_run = {"lsd_jax.size_constraints": config_dry_run,
+                   "lsd_jax.appearance_transfer": appearance_transfer_dry_run,
+                   "lsd_jax.data.rare_class": no_positional}[module_name]
     elif module_name in ("lsd_jax.main", "lsd_jax.data.prepare", "lsd_jax.data.benchmark"):
         loaded = []
 

@@ -200,6 +200,7 @@ MISSPELT = {
     ],
     "lsd_jax.data.prepare": [["gta6/1280x720", "--manual_dir", "/data/gta5"]],
     "lsd_jax.size_constraints": [["--config", "configs/gta.py", "--ouput", "s.json"]],
+    "lsd_jax.data.rare_class": [["--config", "configs/gta_deeplab.py:daformr", "--output", "r"]],
     "lsd_jax.appearance_transfer": [
         ["--config", "configs/gta.py", "--output", "d", "--config.aan.iteration=5"],
         ["--config", "configs/gta.py:fcan", "--output", "d"]],  # a copy from a copy

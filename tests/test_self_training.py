@@ -470,3 +470,47 @@ def test_the_feature_distance_term_against_a_frozen_imagenet_copy():
     assert float(terms(moved, states["imagenet"])) > 0.0
     grads = jax.grad(lambda p, i: terms(p, i), argnums=(0,))(moved, states["imagenet"])
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_the_published_daformer_and_mic_settings():
+    """configs/gta_deeplab.py:daformer and :mic (and SYNTHIA's) against DAFormer's numbers."""
+    from lsd_jax.methods import source_only
+    from train_helpers import load_config_file
+
+    for name in ("gta_deeplab", "synthia_deeplab"):
+        for variant in ("daformer", "mic"):
+            config = load_config_file(name, variant)
+            assert config.method == "dacs" and config.model.aspp_branches == 4
+            assert config.train.num_steps == 40_000 and config.data.batch_size == 2
+            assert tuple(config.data.source.crop) == (512, 512)
+            block = config.dacs
+            assert block.optimizer == "daformer_adamw" and block.warmup_steps == 1500
+            assert block.ema_alpha == 0.999 and block.feature_distance_weight == 0.005
+            assert tuple(block.pseudo_label_crop) == (15, 120)
+            assert (block.jitter_strength, block.jitter_probability) == (0.2, 0.2)
+            assert block.mic_weight == (1.0 if variant == "mic" else 0.0)
+            assert (block.mic_block_size, block.mic_mask_ratio) == (32, 0.7)
+            assert config.data.rcs.enabled and config.data.rcs.temperature == 0.01
+            optim = config.daformer_optim
+            assert (optim.lr, optim.classifier_lr_mult, optim.weight_decay, optim.poly_power,
+                    optim.poly_steps) == (6e-5, 10.0, 0.01, 1.0, 40_000)
+            _, rates = source_only.optimizer_and_rates(config, "dacs")
+            assert rates(0)["lr/f"] == pytest.approx(6e-5 * 1e-6)
+            assert rates(750)["lr/f"] == pytest.approx(6e-5 * (1 - 750 / 40_000) * (0.5 + 0.5e-6))
+            assert rates(20_000) == {"lr/f": pytest.approx(3e-5),
+                                     "lr/f_classifier": pytest.approx(3e-4)}
+
+
+def test_daformer_adamw_decays_all_but_batchnorm_and_runs_the_head_at_10x():
+    from lsd_jax.methods import source_only
+
+    block = default.get_config().daformer_optim
+    tx, _ = source_only.daformer_adamw(block)
+    params = {"conv1": {"kernel": jnp.ones(2)}, "bn1": {"scale": jnp.ones(2)},
+              "classifier_0": {"kernel": jnp.ones(2)}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)   # no gradient: decay alone
+    lr = block.lr
+    np.testing.assert_allclose(updates["conv1"]["kernel"], -lr * 0.01, rtol=1e-5)
+    np.testing.assert_allclose(updates["bn1"]["scale"], 0.0)
+    np.testing.assert_allclose(updates["classifier_0"]["kernel"], -10 * lr * 0.01, rtol=1e-5)

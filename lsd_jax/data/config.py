@@ -31,6 +31,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     # host->device traffic and the cheapest host pipeline (the float views cost the host more
     # than decoding, see docs/performance.md). The batches handed to the steps are the same.
     c.views_on_device = True
+    # DAFormer's rare-class sampling of the source (lsd_jax/data/rare_class.py); it reads the
+    # file `python -m lsd_jax.data.rare_class --config ... --output FILE` wrote for the source.
+    c.rcs = ml_collections.ConfigDict(dict(
+        enabled=False,
+        statistics=placeholder(str),
+        temperature=0.01,    # P(c) = softmax((1 - f_c) / T)
+        min_pixels=3000,     # an image is drawn for c if it holds more pixels of c than this
+        min_crop_ratio=0.5,  # a crop is kept once it holds min_pixels x this of c ...
+        crop_tries=10,       # ... among this many random windows (else the last one)
+    ))
     c.source = domain_config(name="synthetic_scenes/source", split="train", flip=True)
     c.target = domain_config(name="synthetic_scenes/target", split="train", flip=False)
     # The labelled set results are reported on: the target's validation set

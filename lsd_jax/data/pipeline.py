@@ -31,7 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lsd_jax.data import classes
+from lsd_jax.data import classes, rare_class
 from lsd_jax.errors import ConfigError
 from lsd_jax.models import VGG_MEAN_BGR, check_training_size
 
@@ -184,17 +184,22 @@ def output_size(domain) -> tuple[int, int]:
     return tuple(size)
 
 
-def train_example_fn(domain, table: np.ndarray, views_on_device: bool = False):
-    """(seed, image bytes, label bytes) -> {"image", "image01", "label"} at the output size,
-    or {"image_u8", "label"} (uint8 RGB, views made later on device) if views_on_device."""
+def train_example_fn(domain, table: np.ndarray, views_on_device: bool = False, rcs=None):
+    """(seed, image bytes, label bytes[, class]) -> {"image", "image01", "label"} at the output
+    size, or {"image_u8", "label"} (uint8 RGB, views made later on device) if views_on_device.
+    With `rcs` (config.data.rcs) the crop is drawn again until it holds the sampled class."""
     size = output_size(domain)
     table = tf.constant(table, tf.int32)
 
-    def fn(seed, image_bytes, label_bytes):
+    def fn(seed, image_bytes, label_bytes, cls=None):
         image, label = decode_pair(image_bytes, label_bytes, table)
         if domain.resize is not None:
             image, label = resize_pair(image, label, tuple(domain.resize))
-        if domain.crop is not None:
+        if domain.crop is not None and rcs is not None:
+            image, label = rare_class.class_crop_pair(
+                image, label, tuple(domain.crop), seed, cls, rcs.min_pixels * rcs.min_crop_ratio,
+                rcs.crop_tries)
+        elif domain.crop is not None:
             image, label = random_crop_pair(image, label, tuple(domain.crop), seed)
         elif domain.resize is None:
             tf.debugging.assert_equal(tf.shape(label), tf.constant(size))
@@ -245,6 +250,44 @@ def _domain_seed(seed: int, process_index: int, domain_index: int) -> int:
     return (seed * 1_000_003 + process_index * 7919 + domain_index * 104_729) % (2 ** 31)
 
 
+def rare_class_stream(config, domain, builder, table: np.ndarray, *, seed: int,
+                      process_index: int, batch: int, start_step: int) -> tf.data.Dataset:
+    """The source drawn by rare-class sampling (lsd_jax/data/rare_class.py): example j of this
+    process at step t is a function of (seed, t, its slot in the global batch) alone."""
+    statistics = config.rcs.statistics
+    if not statistics:
+        raise ConfigError("config.data.rcs.enabled is set without config.data.rcs.statistics: "
+                          "write them once with `python -m lsd_jax.data.rare_class --config "
+                          "<this config> --output FILE` and set the field to FILE")
+    counts = rare_class.load_statistics(
+        statistics, dataset=f"{builder.info.full_name}:{domain.split}",
+        class_set=config.class_set, num_classes=len(classes.class_set(config.class_set)))
+    locations = rare_class.record_locations(builder.info.splits[domain.split].file_instructions)
+    if len(locations) != counts.shape[0]:
+        raise ConfigError(f"config.data.rcs.statistics={statistics!r} counts "
+                          f"{counts.shape[0]} images, {domain.name}:{domain.split} has "
+                          f"{len(locations)}: write them again for this source")
+    draw = rare_class.sampler(counts, config.rcs)
+    image_key, label_key, _ = label_source(builder, "cityscapes19")
+    skip = {image_key: tfds.decode.SkipDecoding(), label_key: tfds.decode.SkipDecoding()}
+    features = builder.info.features
+
+    def read(index):
+        return rare_class.read_record(*locations[int(index)])
+
+    def example(step, slot):
+        slot_seed = tf.stack([tf.constant(seed, tf.int64),
+                              step * config.batch_size + process_index * batch + slot])
+        index, cls = draw(slot_seed)
+        serialized = tf.py_function(read, [index], tf.string)
+        record = features.deserialize_example(serialized, decoders=skip)
+        return slot_seed, record[image_key], record[label_key], cls
+
+    steps = tf.data.Dataset.range(start_step, 2 ** 62)
+    return steps.flat_map(lambda step: tf.data.Dataset.range(batch).map(
+        lambda slot: example(step, slot)))
+
+
 def domain_stream(config, domain, domain_index: int, *, process_index: int, process_count: int,
                   start_step: int = 0) -> tf.data.Dataset:
     """One domain's per-process stream of batched {"image", "image01", "label"}."""
@@ -253,6 +296,13 @@ def domain_stream(config, domain, domain_index: int, *, process_index: int, proc
                            domain.config_overrides.to_dict())
     _, _, table = label_source(builder, config.class_set)
     seed = _domain_seed(config.seed, process_index, domain_index)
+    parallel = tf.data.AUTOTUNE if config.num_parallel_calls < 0 else config.num_parallel_calls
+    if domain_index == 0 and config.rcs.enabled:
+        ds = rare_class_stream(config, domain, builder, table, seed=seed,
+                               process_index=process_index, batch=batch, start_step=start_step)
+        fn = train_example_fn(domain, table, config.get("views_on_device", False), config.rcs)
+        ds = ds.map(fn, num_parallel_calls=parallel, deterministic=True)
+        return ds.batch(batch, drop_remainder=True)
     split = process_split(domain.split, process_index, process_count)
     ds = read_encoded(builder, split, shuffle=True, seed=seed)
     ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
@@ -260,7 +310,6 @@ def domain_stream(config, domain, domain_index: int, *, process_index: int, proc
     ds = tf.data.Dataset.zip(example_seeds, ds).map(lambda s, ex: (s, *ex))
     # Resuming: skip what was consumed, before decoding (reads records, decodes nothing).
     ds = ds.skip(start_step * batch)
-    parallel = tf.data.AUTOTUNE if config.num_parallel_calls < 0 else config.num_parallel_calls
     fn = train_example_fn(domain, table, config.get("views_on_device", False))
     ds = ds.map(fn, num_parallel_calls=parallel, deterministic=True)
     return ds.batch(batch, drop_remainder=True)

@@ -7,12 +7,13 @@ cross-entropy averaged over pixels (their rates are for that loss: with a sum ov
 labels (the configs' `target_only` variant)."""
 
 import jax
+import optax
 
 from lsd_jax import losses
 from lsd_jax.methods import adaptsegnet, base
 
 # config.source_only.optimizer: whose optimiser S trains with.
-OPTIMIZERS = ("lsd_adam", "output_space_sgd")
+OPTIMIZERS = ("lsd_adam", "output_space_sgd", "daformer_adamw")
 
 
 def optimizer_and_rates(config, field: str = "source_only"):
@@ -27,6 +28,8 @@ def optimizer_and_rates(config, field: str = "source_only"):
                          "(0: no warmup)")
     if choice == "lsd_adam":
         tx, rates = base.f_optimizer(config.optim), base.f_learning_rates(config.optim)
+    elif choice == "daformer_adamw":
+        tx, rates = daformer_adamw(config.daformer_optim)
     else:
         block = config.adaptsegnet
         adaptsegnet.check_block(block, "adaptsegnet", ())
@@ -37,9 +40,34 @@ def optimizer_and_rates(config, field: str = "source_only"):
     return base.with_warmup(tx, warmup), base.warmed_up_rates(rates, warmup)
 
 
+def daformer_adamw(block):
+    """DAFormer's AdamW for DeepLab-v2 (`config.daformer_optim`): decoupled weight decay on
+    every parameter but BatchNorm's (mmseg's norm decay_mult 0), the classifiers ("head") at
+    classifier_lr_mult x the rate, poly decay to 0 over poly_steps."""
+    schedule = optax.polynomial_schedule(block.lr, 0.0, block.poly_power, block.poly_steps)
+    head = optax.polynomial_schedule(block.lr * block.classifier_lr_mult, 0.0, block.poly_power,
+                                     block.poly_steps)
+
+    def decayed(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: not any("bn" in str(getattr(k, "key", "")) for k in path), params)
+
+    def adamw(lr):
+        return optax.adamw(lr, b1=block.b1, b2=block.b2, weight_decay=block.weight_decay,
+                           mask=decayed)
+
+    def label(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "classifier" if adaptsegnet.is_classifier(path) else "backbone",
+            params)
+
+    tx = optax.multi_transform({"backbone": adamw(schedule), "classifier": adamw(head)}, label)
+    return tx, lambda step: {"lr/f": float(schedule(step)), "lr/f_classifier": float(head(step))}
+
+
 def loss_reduction(config) -> str:
     """The segmentation loss's reduction: the references' mean with their SGD, else LSD's."""
-    if config.source_only.optimizer == "output_space_sgd":
+    if config.source_only.optimizer in ("output_space_sgd", "daformer_adamw"):
         return "mean"
     return base.check_reduction(config)
 
