@@ -341,8 +341,12 @@ def test_the_pseudo_label_crop_zeroes_the_top_and_bottom_rows():
     np.testing.assert_allclose(weights[:, 2:7], 0.7)
     np.testing.assert_allclose(np.asarray(st.pseudo_label_weights(jnp.float32(0.7), (1, 4, 2),
                                                                   (0, 0))), 0.7)
-    # In the loss: with every row cropped, the pseudo-labelled pixels of the mixed image (and
-    # MIC's whole masked term) weigh nothing, the source pixels still do.
+
+
+@pytest.mark.slow  # the student's whole loss, op by op
+def test_the_pseudo_label_crop_reaches_the_loss():
+    """About 11 s. With every row cropped, the pseudo-labelled pixels of the mixed image (and
+    MIC's whole masked term) weigh nothing, the source pixels still do."""
     config = dacs_config(mic_weight=1.0, pseudo_label_crop=(0, 64))
     method = methods.build(config)
     states = method.init(jax.random.key(0))
