@@ -7,52 +7,73 @@
 - config.model.remat_f / remat_g: the same parameters (names and values) and the same outputs
   and gradients, with the rematerialisation visible in the program.
 
-Tiny networks (model.width = 1/16) on test_steps' learnable 64x64 batch, in this process (the
-programs are compiled at the test processes' optimisation level and go to the suite's cache).
+The training runs in a subprocess with XLA's CPU optimisation turned down (the same programs,
+compiled twice as fast), tiny networks (model.width = 1/16) and 64x64 images.
 """
+import json
+import subprocess
+import sys
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from lsd_jax import methods
-from lsd_jax.methods import lsd
-from test_steps import learnable_batch, small_config
+from train_helpers import REPO_ROOT, subprocess_env
 
-pytestmark = pytest.mark.slow  # bfloat16 and float32 iterations, compiled and trained
+pytestmark = pytest.mark.slow  # a bfloat16 training subprocess
 
 BF16_STEPS = 6
 
+TRAIN = r"""
+import json, sys
+import jax, numpy as np
+from configs import default
+from lsd_jax import methods
+from lsd_jax.methods import lsd
 
-def train_on_a_fixed_batch(dtype: str) -> dict:
-    """BF16_STEPS iterations of test_steps' LSD configuration on its learnable batch, the same
-    key every step (the same dropout masks: a truly fixed objective). F learns at 1e-4, not
-    test_steps' 1e-3: at 1e-3 Adam's first steps make F's segmentation loss oscillate (11684,
-    5231, 8510, ...), and bfloat16's path through the oscillation is 7-11% from float32's,
-    which would hide a real drift behind a loose tolerance."""
-    config = small_config(**{"model.dtype": dtype, "optim.f_lr": 1e-4})
-    method = methods.build(config)
+def config(dtype):
+    c = default.get_config()
+    c.model.width = 1 / 16
+    c.model.dtype = dtype
+    c.optim.f_lr, c.optim.gd_lr = 1e-4, 1e-3   # so that a few steps visibly fit the batch
+    return c
+
+rng = np.random.default_rng(0)
+batch = {}
+for domain in ("source", "target"):
+    x01 = rng.random((2, 64, 64, 3), np.float32)
+    batch[domain + "_image01"], batch[domain + "_image"] = x01, x01 * 255.0 - 110.0
+batch["source_label"] = rng.integers(0, 19, (2, 64, 64)).astype(np.int32)
+
+out = {}
+for dtype, iterations in (("bfloat16", int(sys.argv[2])), ("float32", int(sys.argv[2]))):
+    method = methods.build(config(dtype))
     states = method.init(jax.random.key(0))
-    step = methods.compile_method(method, donate=False).step
-    batch, losses = learnable_batch(), []
-    for _ in range(BF16_STEPS):
+    step = methods.compile_method(method).step
+    losses = []
+    for i in range(iterations):
+        # The same key every step: the same dropout masks, a truly fixed objective.
         states, metrics = step(states, batch, jax.random.key(1))
         losses.append({k: float(v) for k, v in metrics.items()})
-    return {"losses": losses,
-            "metric_dtypes": sorted({str(v.dtype) for v in metrics.values()}),
-            "state_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(states)})}
+    out[dtype] = {
+        "losses": losses,
+        "metric_dtypes": sorted({str(v.dtype) for v in metrics.values()}),
+        "state_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(states)}),
+    }
 
-
-def remat_gradients(remat: bool) -> dict:
-    """The same loss and gradients through F and G with the modules' remat attribute set or
-    not, and what the program looks like."""
-    config = small_config(**{"model.remat_f": remat, "model.remat_g": remat})
-    nets = lsd.build_networks(config)
+# Rematerialisation: the same loss and gradients through F and G (module attributes remat).
+import jax.numpy as jnp
+x = batch["source_image"][:1]
+remat = {}
+for flag in (False, True):
+    c = config("float32")
+    c.model.remat_f = c.model.remat_g = flag
+    nets = lsd.build_networks(c)
     states = lsd.init_states(nets, jax.random.key(0))
-    batch = learnable_batch()
-    x = batch["source_image"][:1]
 
-    def loss(f_params, g_params, frozen=states["f"].frozen):
+    def loss(f_params, g_params, nets=nets, frozen=states["f"].frozen):
         score, *features = nets.f.apply({"params": f_params, "frozen": frozen}, x, train=True,
                                         rngs={"dropout": jax.random.key(1)})
         image = nets.g.apply({"params": g_params}, *features, train=True,
@@ -61,25 +82,54 @@ def remat_gradients(remat: bool) -> dict:
     grad = jax.value_and_grad(loss, argnums=(0, 1))
     program = str(jax.make_jaxpr(grad)(states["f"].params, states["g"].params))
     value, grads = jax.jit(grad)(states["f"].params, states["g"].params)
-    return {"attributes": [nets.f.remat, nets.g.remat],
-            "checkpoints": program.count("remat") + program.count("checkpoint"),
-            "value": float(value),
-            "grads": {jax.tree_util.keystr(p): np.asarray(g)
-                      for p, g in jax.tree_util.tree_leaves_with_path(grads)},
-            "params": sorted(jax.tree_util.keystr(p) for p, _ in
-                             jax.tree_util.tree_leaves_with_path(states))}
+    remat[flag] = {"attributes": [nets.f.remat, nets.g.remat],
+                   "checkpoints": program.count("remat") + program.count("checkpoint"),
+                   "value": float(value),
+                   "grads": {jax.tree_util.keystr(p): np.asarray(g).tolist()
+                             for p, g in jax.tree_util.tree_leaves_with_path(grads)},
+                   "params": sorted(jax.tree_util.keystr(p) for p, _ in
+                                    jax.tree_util.tree_leaves_with_path(states))}
+out["remat"] = {str(k): v for k, v in remat.items()}
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def tiny_config(dtype="float32", remat=False):
+    config = default.get_config()
+    config.model.width = 1 / 16
+    config.model.dtype = dtype
+    config.model.remat_f = remat
+    config.model.remat_g = remat
+    return config
+
+
+def tiny_batch(n=1, hw=64):
+    rng = np.random.default_rng(0)
+    batch = {}
+    for domain in ("source", "target"):
+        x01 = rng.random((n, hw, hw, 3), np.float32)
+        batch[domain + "_image01"], batch[domain + "_image"] = x01, x01 * 255.0 - 110.0
+    batch["source_label"] = rng.integers(0, 19, (n, hw, hw)).astype(np.int32)
+    return batch
 
 
 @pytest.fixture(scope="module")
-def trained():
-    return {"bfloat16": train_on_a_fixed_batch("bfloat16"),
-            "float32": train_on_a_fixed_batch("float32"),
-            "remat": {str(flag): remat_gradients(flag) for flag in (False, True)}}
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("precision")
+    script, out = tmp / "train.py", tmp / "out.json"
+    script.write_text(TRAIN)
+    result = subprocess.run([sys.executable, str(script), str(out), str(BF16_STEPS)],
+                            env=subprocess_env(),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
 
 
 def test_bfloat16_training_lowers_the_losses_on_a_fixed_batch(trained):
-    """About 85 s, for the module: the bfloat16 and float32 iterations and the remat gradients
-    compiled and run, before the first test that reads them."""
+    """About 100 s, for the module: the training subprocess (bfloat16 and float32 iterations
+    and the remat gradients, each compiled) runs before the first test that reads it."""
     losses = trained["bfloat16"]["losses"]
     assert len(losses) == BF16_STEPS
     series = {name: [step[name] for step in losses] for name in losses[0]}
@@ -113,7 +163,7 @@ def step_program(config):
     method = methods.build(config)
     states = jax.eval_shape(lambda: method.init(jax.random.key(0)))
     step = methods.compile_method(method, donate=False).step
-    return method, states, jax.make_jaxpr(step)(states, learnable_batch(), jax.random.key(1))
+    return method, states, jax.make_jaxpr(step)(states, tiny_batch(), jax.random.key(1))
 
 
 def jaxpr_dtypes(closed):
@@ -131,10 +181,10 @@ def jaxpr_dtypes(closed):
 
 
 def test_float32_is_unchanged_and_bfloat16_computes_in_bfloat16():
-    _, states, f32 = step_program(small_config())
+    _, states, f32 = step_program(tiny_config("float32"))
     assert "bfloat16" not in jaxpr_dtypes(f32)
     assert {str(x.dtype) for x in jax.tree.leaves(states)} == {"float32", "int32"}
-    _, states16, bf16 = step_program(small_config(**{"model.dtype": "bfloat16"}))
+    _, states16, bf16 = step_program(tiny_config("bfloat16"))
     assert "bfloat16" in jaxpr_dtypes(bf16)
     convs = [e for e in bf16.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert all(str(e.outvars[0].aval.dtype) == "bfloat16" for e in convs)
