@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from lsd_jax import checkpoint, evaluate, methods, parallel
-from lsd_jax.data import classes
+from lsd_jax.data import classes, rare_class
 from lsd_jax.errors import ConfigError, UserError
 from lsd_jax.models import check_training_size
 
@@ -48,10 +48,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.eval.confusion_method={config.eval.confusion_method!r}: "
                           f"expected one of {evaluate.CONFUSION_METHODS}")
     check_keras_weights_backbone(config)
-    if config.data.rcs.enabled and not config.data.rcs.statistics:
-        raise ConfigError("config.data.rcs.enabled is set without config.data.rcs.statistics: "
-                          "write them once with `python -m lsd_jax.data.rare_class --config "
-                          "<this config> --output FILE` and set the field to FILE")
+    try:
+        rare_class.check_enabled(config.data.rcs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     f_sources = [f"init.{name}" for name in ("torch_f", "f_workdir") if config.init[name]]
     if len(f_sources) > 1:
         raise ConfigError(f"config.{f_sources[0]} and config.{f_sources[1]} both give F's "

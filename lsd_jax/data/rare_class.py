@@ -39,10 +39,21 @@ _HEADER = 12  # a TFRecord: uint64 length, uint32 CRC of it, the data, uint32 CR
 # ----------------------------------------------------------------------------- statistics
 
 def pixel_counts(label_maps, num_classes: int) -> np.ndarray:
-    """(images, classes) int64: how many pixels of each class every label map holds."""
-    rows = [np.bincount(np.asarray(m).ravel()[np.asarray(m).ravel() != IGNORE_LABEL],
-                        minlength=num_classes)[:num_classes] for m in label_maps]
+    """(images, classes) int64: how many pixels of each class every label map holds (labels
+    of the class set, the ignore label left out)."""
+    rows = []
+    for labels in label_maps:
+        labels = np.asarray(labels).ravel()
+        rows.append(np.bincount(labels[labels != IGNORE_LABEL], minlength=num_classes))
     return np.asarray(rows, np.int64).reshape(len(rows), num_classes)
+
+
+def check_enabled(rcs) -> None:
+    """Sampling switched on needs the statistics file (preflight and the pipeline ask)."""
+    if rcs.enabled and not rcs.statistics:
+        raise ValueError("config.data.rcs.enabled is set without config.data.rcs.statistics: "
+                         "write them once with `python -m lsd_jax.data.rare_class --config "
+                         "<this config> --output FILE` and set the field to FILE")
 
 
 def save_statistics(path: str, counts: np.ndarray, *, dataset: str, class_set: str) -> None:
