@@ -328,7 +328,6 @@ def test_warmup_rises_linearly_from_a_millionth_then_leaves_the_schedule_alone()
             factor = float(base.warmup_factor(step, steps))
             jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a * factor, rtol=1e-5),
                          u0, u1)
-    assert st.source_only.optimizer_and_rates(dacs_config(), "dacs")[0] is not None
     plain_tx = base.f_optimizer(dacs_config().optim)
     assert base.with_warmup(plain_tx, 0) is plain_tx   # off: the same transformation
 
