@@ -56,7 +56,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from configs import default as default_config  # noqa: E402
-from lsd_jax import methods, parallel  # noqa: E402
+from lsd_jax import benchmark, methods, parallel  # noqa: E402
 from lsd_jax.models import VGG_MEAN_BGR, layers  # noqa: E402
 
 # Dense peak FLOP/s per device (no sparsity), by jax's device_kind substring and compute dtype.
@@ -306,10 +306,34 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def config_from_flags(ap, args):
+    """--config FILE[:VARIANT] when given (its variant is then what the rows name), else
+    configs/default.py's --variant."""
+    if not args.config:
+        return default_config.apply_variant(default_config.get_config(), args.variant)
+    path, _, variant = args.config.partition(":")
+    try:
+        module = benchmark.load_config_module(path)
+        config = module.get_config(variant) if variant else module.get_config()
+    except (benchmark.BenchmarkError, ValueError) as error:
+        ap.error(f"--config {args.config}: {benchmark.one_line(error)}")
+    args.variant = args.config
+    init = config.init
+    if config.method == "dacs" and config.dacs.feature_distance_weight > 0 and not (
+            init.resnet_weights or init.vgg16_weights or init.torch_f):
+        # Nothing is loaded here: F and its frozen ImageNet copy start from random weights,
+        # which costs the same arithmetic. The build only asks that weights be named.
+        init.resnet_weights = "(not loaded: random weights for timing)"
+    return config
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="lsd", help="a variant of configs/default.py")
+    ap.add_argument("--config", default=None, metavar="FILE[:VARIANT]",
+                    help="a config file's variant instead, e.g. configs/gta_deeplab.py:daformer "
+                         "(sizes and batch still from the flags below)")
     ap.add_argument("--backbone", default=None, help="config.model.backbone (default: the "
                     "variant's, FCN-8s)")
     ap.add_argument("--resnet-blocks", default=None, help="config.model.resnet_blocks, e.g. "
@@ -354,7 +378,7 @@ def main():
     if args.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
 
-    config = default_config.apply_variant(default_config.get_config(), args.variant)
+    config = config_from_flags(ap, args)
     if args.backbone:
         config.model.backbone = args.backbone
     if args.resnet_blocks:

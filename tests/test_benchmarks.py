@@ -162,6 +162,25 @@ def test_top_ops_on_the_cpu_are_the_thunks_named_by_their_instruction():
                                                   ("loop_fusion.8", 1.0, "")]
 
 
+def test_a_config_files_variant_is_timed_as_published(capsys):
+    """--config FILE:VARIANT: the file's variant (here DAFormer's recipe, whose feature distance
+    asks for ImageNet weights that a timing never loads); a variant the file lacks is a
+    one-line usage error naming it."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="step_time.py")
+    args = argparse.Namespace(config="configs/gta_deeplab.py:daformer", variant="lsd")
+    config = step_time.config_from_flags(parser, args)
+    assert config.method == "dacs" and config.dacs.feature_distance_weight == 0.005
+    assert config.model.backbone == "deeplabv2_resnet101" and config.model.aspp_branches == 4
+    assert "not loaded" in config.init.resnet_weights
+    assert args.variant == "configs/gta_deeplab.py:daformer"  # what the rows name
+    methods.build(config)  # the build's check is satisfied
+    with pytest.raises(SystemExit):
+        step_time.config_from_flags(parser, argparse.Namespace(
+            config="configs/gta_deeplab.py:lsd", variant="lsd"))
+    assert "--config configs/gta_deeplab.py:lsd" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant, images", [("lsd", 6), ("adaptsegnet", 6),
                                              ("source_only", 3)])
 def test_images_per_second_count_the_images_a_method_reads(variant, images):

@@ -21,12 +21,16 @@ EVENTS = {
 CAUSES = ("compile_s", "trace_s", "lower_s", "cache_load_s", "subprocess_s")
 
 _totals = collections.Counter()
+_programs = []  # (name, seconds) of every backend compilation (or cache load) of the phase
+_subprocesses = []  # (command, seconds) of every subprocess the phase waited on
 
 
-def _on_duration(event, seconds, **_):
+def _on_duration(event, seconds, fun_name=None, **_):
     cause = EVENTS.get(event)
     if cause:
         _totals[cause] += seconds
+    if cause == "compile_s":
+        _programs.append((fun_name, round(seconds, 2)))
 
 
 def _timed_popen():
@@ -41,7 +45,10 @@ def _timed_popen():
         result = original_wait(self, *args, **kwargs)
         start = getattr(self, "_profile_start", None)
         if start is not None:
-            _totals["subprocess_s"] += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            _totals["subprocess_s"] += seconds
+            command = self.args if isinstance(self.args, str) else " ".join(map(str, self.args))
+            _subprocesses.append((command[:160], round(seconds, 2)))
             self._profile_start = None
         return result
 
@@ -61,34 +68,65 @@ def install(folder):
 def record(out, nodeid, phase, seconds):
     line = {"test": nodeid, "phase": phase, "wall_s": seconds}
     line.update({cause: _totals.get(cause, 0.0) for cause in CAUSES})
+    line.update(programs=list(_programs), subprocesses=list(_subprocesses))
     _totals.clear()
+    _programs.clear()
+    _subprocesses.clear()
     out.write(json.dumps(line) + "\n")
+
+
+def rows(folder):
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name)) as f:
+            yield from map(json.loads, f)
+
+
+# A compilation under this many seconds is, in this suite, one operation compiled on its own
+# (eager evaluation, or a jnp call outside jit); the whole networks and updates take longer.
+SINGLE_OPERATION_S = 1.0
+
+
+def summarise_programs(folder):
+    """Per file: XLA compilations of whole programs (by name) and of single operations."""
+    by_file = collections.defaultdict(collections.Counter)
+    counts = collections.defaultdict(collections.Counter)
+    for row in rows(folder):
+        file = row["test"].split("::")[0]
+        for name, seconds in row.get("programs", ()):
+            kind = name if seconds >= SINGLE_OPERATION_S else "single operations"
+            by_file[file][kind] += seconds
+            counts[file][kind] += 1
+    lines = ["| file | compilations (count, seconds), largest first |", "|---|---|"]
+    for file, seconds in sorted(by_file.items(), key=lambda kv: -sum(kv[1].values())):
+        parts = [f"{kind} {counts[file][kind]}, {s:.0f} s"
+                 for kind, s in seconds.most_common(4)]
+        lines.append(f"| {file} | {'; '.join(parts)} |")
+    return "\n".join(lines)
 
 
 def summarise(folder):
     """Markdown tables: the whole run by cause, then by file, slowest first."""
     by_file = collections.defaultdict(collections.Counter)
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name)) as f:
-            for line in f:
-                row = json.loads(line)
-                counter = by_file[row["test"].split("::")[0]]
-                counter["wall_s"] += row["wall_s"]
-                counter["tests"] += row["phase"] == "call"
-                for cause in CAUSES:
-                    counter[cause] += row[cause]
+    for row in rows(folder):
+        counter = by_file[row["test"].split("::")[0]]
+        counter["wall_s"] += row["wall_s"]
+        counter["tests"] += row["phase"] == "call"
+        for cause in CAUSES:
+            counter[cause] += row[cause]
     total = sum(by_file.values(), collections.Counter())
     header = ("| file | tests | wall s | XLA compile | trace+lower | cache loads | subprocesses "
               "| the rest |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    rows = [header]
+    table = [header]
     for name, c in sorted(by_file.items(), key=lambda kv: -kv[1]["wall_s"]) + [("all", total)]:
         rest = c["wall_s"] - c["compile_s"] - c["trace_s"] - c["lower_s"] - c["cache_load_s"] \
             - c["subprocess_s"]
-        rows.append(f"| {name} | {c['tests']} | {c['wall_s']:.0f} | {c['compile_s']:.0f} | "
+        table.append(f"| {name} | {c['tests']} | {c['wall_s']:.0f} | {c['compile_s']:.0f} | "
                     f"{c['trace_s'] + c['lower_s']:.0f} | {c['cache_load_s']:.0f} | "
                     f"{c['subprocess_s']:.0f} | {rest:.0f} |")
-    return "\n".join(rows)
+    return "\n".join(table)
 
 
 if __name__ == "__main__":
     print(summarise(sys.argv[1]))
+    print()
+    print(summarise_programs(sys.argv[1]))
