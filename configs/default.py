@@ -229,6 +229,9 @@ def output_space_block(**fields) -> ml_collections.ConfigDict:
         "s_lr": 2.5e-4, "classifier_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 5e-4,
         "d_lr": 1e-4, "d_b1": 0.9, "d_b2": 0.99,
         "poly_power": 0.9, "poly_steps": 250_000,
+        # DAFormer's warmup of S's rates (not the references': 0 = none), linear from 1e-6 x
+        # the rate over these steps, then the poly schedule; D keeps its own.
+        "warmup_steps": 0,
     })
 
 
@@ -287,6 +290,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.gd_lr = 1e-4  # G and D: Adam, constant lr
     config.optim.gd_b1 = 0.7
     config.optim.gd_b2 = 0.999
+    # DAFormer's warmup of F's rates for LSD and the adversarial family (not the references':
+    # 0 = none), linear from 1e-6 x the rate over these steps; G's and D's keep theirs. The
+    # baselines and DACS have their own (source_only.warmup_steps, dacs.warmup_steps).
+    config.optim.warmup_steps = 0
 
     # The output-space methods' own blocks (docs/methods.md, section 8), their references'
     # values; `config.loss` and `config.optim` are LSD's (and the baselines'). S is F+C.

@@ -332,6 +332,55 @@ def test_warmup_rises_linearly_from_a_millionth_then_leaves_the_schedule_alone()
     assert base.with_warmup(plain_tx, 0) is plain_tx   # off: the same transformation
 
 
+def optimizers(config):
+    """(S's or F's optimiser, [the other networks' optimisers]) of a method's config."""
+    from lsd_jax.methods import adaptsegnet, adversarial, advent, lsd
+    if config.method == "lsd":
+        nets = lsd.build_networks(config)
+        return nets.f_tx, [nets.g_tx, nets.d_tx]
+    if config.method == "adversarial":
+        parts = adversarial.build_parts(config)
+        return parts.s_tx, [parts.d_tx]
+    parts = {"adaptsegnet": adaptsegnet, "advent": advent}[config.method].build_parts(config)
+    return parts.s_tx, [parts.d_tx] if parts.d_tx else []
+
+
+@pytest.mark.parametrize("variant, field", [
+    ("adaptsegnet_multi", "adaptsegnet"), ("advent", "advent"), ("minent", "advent"),
+    ("lsd", "optim"), ("adda", "optim"), ("grl", "optim")])
+def test_every_method_warms_up_s_and_leaves_g_and_d_alone(variant, field):
+    """The warmup of the output-space methods (their block), LSD and the adversarial family
+    (config.optim): S's (F's) logged rates and its steps (SGD with momentum and weight decay,
+    or Adam) are the factor smaller; G's and D's rates and steps are unchanged."""
+    steps = 100
+    plain = default.apply_variant(default.get_config(), variant)
+    warm = default.apply_variant(default.get_config(), variant)
+    warm[field].warmup_steps = steps
+    (s0, others0), (s1, others1) = optimizers(plain), optimizers(warm)
+    r0, r1 = methods.build(plain).learning_rates, methods.build(warm).learning_rates
+    for step in (0, 1, 50, 100, 200):
+        factor = float(base.warmup_factor(step, steps))
+        for name, rate in r0(step).items():
+            expected = rate * factor if name.startswith("lr/f") else rate
+            assert r1(step)[name] == pytest.approx(expected, rel=1e-6), (name, step)
+    params = {"classifier": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+              "conv1": {"kernel": jnp.ones(3), "bias": jnp.ones(1)}}
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    pairs = [(s0, s1, True)] + [(a, b, False) for a, b in zip(others0, others1)]
+    assert len(pairs) == {"lsd": 3, "minent": 1}.get(variant, 2)
+    for tx0, tx1, warmed in pairs:
+        s0, s1 = tx0.init(params), tx1.init(params)
+        for step in range(3):
+            u0, s0 = tx0.update(grads, s0, params)
+            u1, s1 = tx1.update(grads, s1, params)
+            factor = float(base.warmup_factor(step, steps)) if warmed else 1.0
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a * factor, rtol=1e-5),
+                         u0, u1)
+    warm[field].warmup_steps = -1
+    with pytest.raises(ValueError, match=rf"config.{field}.warmup_steps=-1: expected"):
+        methods.build(warm)
+
+
 def test_the_pseudo_label_crop_zeroes_the_top_and_bottom_rows():
     weights = np.asarray(st.pseudo_label_weights(jnp.float32(0.7), (2, 10, 4), (2, 3)))
     assert weights.shape == (2, 10, 4)

@@ -103,6 +103,13 @@ def s_optimizer(block) -> optax.GradientTransformation:
                                  label)
 
 
+def warmed_up_s_optimizer(block) -> optax.GradientTransformation:
+    """S's SGD warmed up over block.warmup_steps (DAFormer's strategy, 0 by default: the
+    references have none). D keeps its own schedule: DAFormer, which has no D, warms up the
+    network it trains, and a D that barely moves would only delay the adversarial signal."""
+    return base.with_warmup(s_optimizer(block), block.warmup_steps)
+
+
 def d_optimizer(block) -> optax.GradientTransformation:
     return optax.adam(poly_schedule(block.d_lr, block), b1=block.d_b1, b2=block.d_b2)
 
@@ -118,6 +125,7 @@ def check_block(block, field: str, weight_fields: tuple[str, ...]) -> None:
         value = block[name]
         if not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"config.{field}.{name}={value!r}: expected a positive number")
+    base.check_warmup_steps(field, block.warmup_steps)
 
 
 def discriminator(config) -> FCDiscriminator:
@@ -130,7 +138,7 @@ def build_parts(config) -> Parts:
     base.check_choice("adaptsegnet.gan", block.gan, output_space.GAN_LOSSES)
     return Parts(
         s=base.segmentation_network(config, block.multi_level), d=discriminator(config),
-        s_tx=s_optimizer(block), d_tx=d_optimizer(block), gan=block.gan,
+        s_tx=warmed_up_s_optimizer(block), d_tx=d_optimizer(block), gan=block.gan,
         weights=Weights(block.seg_aux_weight, block.adv_weight, block.adv_aux_weight),
         multi_level=bool(block.multi_level),
         d_input=lambda logits: jax.nn.softmax(at_least_float32(logits), axis=-1))
@@ -269,9 +277,12 @@ def method_from_parts(name: str, config, parts: Parts, block) -> base.Method:
                 lambda p, x: parts.d.apply({"params": p}, x), states[level].params, maps)}
         return shapes
 
+    s_learning_rates = base.warmed_up_rates(lambda step: {
+        "lr/f": float(s_rates[0](step)), "lr/f_classifier": float(s_rates[1](step))},
+        block.warmup_steps)
+
     def learning_rates(step):
-        rates = {"lr/f": float(s_rates[0](step)), "lr/f_classifier": float(s_rates[1](step))}
-        return {**rates, **({"lr/d": float(d_rate(step))} if levels else {})}
+        return {**s_learning_rates(step), **({"lr/d": float(d_rate(step))} if levels else {})}
 
     return base.Method(
         name=name,

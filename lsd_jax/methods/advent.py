@@ -26,7 +26,7 @@ def build_parts(config) -> adaptsegnet.Parts:
     return adaptsegnet.Parts(
         s=base.segmentation_network(config, block.multi_level),
         d=adaptsegnet.discriminator(config) if adversarial else None,
-        s_tx=adaptsegnet.s_optimizer(block),
+        s_tx=adaptsegnet.warmed_up_s_optimizer(block),
         d_tx=adaptsegnet.d_optimizer(block) if adversarial else None,
         gan="bce",
         weights=adaptsegnet.Weights(block.seg_aux_weight, block.target_weight,

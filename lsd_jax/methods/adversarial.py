@@ -253,8 +253,9 @@ def is_classifier(path) -> bool:
 
 
 def s_optimizer(config, tied: bool) -> optax.GradientTransformation:
-    """F's optimiser (`config.optim`, LSD's and the baselines'); untied, C stays fixed."""
-    tx = base.f_optimizer(config.optim)
+    """F's optimiser (`config.optim`, LSD's and the baselines', with its warmup); untied, C
+    stays fixed."""
+    tx = base.warmed_up_f_optimizer(config.optim)[0]
     if tied:
         return tx
     classifier = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
@@ -340,7 +341,7 @@ def method_from_parts(name: str, config, parts: Parts) -> base.Method:
     base.check_choice("update_mode", config.update_mode, base.UPDATE_MODES)
     num_classes = config.num_classes
     d_rate = float(config.adversarial.d_lr)
-    f_rates = base.f_learning_rates(config.optim)
+    f_rates = base.warmed_up_f_optimizer(config.optim)[1]
 
     def view_shape(states, image):
         if parts.d_input == "scores":

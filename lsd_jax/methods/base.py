@@ -218,6 +218,12 @@ def warmup_factor(step, steps: int):
     return WARMUP_RATIO + (1.0 - WARMUP_RATIO) * progress
 
 
+def check_warmup_steps(field: str, steps) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"config.{field}.warmup_steps={steps!r}: expected a number of steps "
+                         "(0: no warmup)")
+
+
 def with_warmup(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
     """`tx` with its updates scaled by warmup_factor(step): for SGD (momentum included: the
     rate multiplies the momentum buffer), Adam and AdamW alike the same as scaling the learning
@@ -234,6 +240,15 @@ def warmed_up_rates(rates: Callable[[int], dict[str, float]], steps: int
         return rates
     return lambda step: {name: rate * float(warmup_factor(step, steps))
                          for name, rate in rates(step).items()}
+
+
+def warmed_up_f_optimizer(optim) -> tuple[optax.GradientTransformation,
+                                           Callable[[int], dict[str, float]]]:
+    """F's Adam (`f_optimizer`) and its logged rates, warmed up over optim.warmup_steps:
+    LSD's F and the adversarial family's S (0: none, as in their references)."""
+    check_warmup_steps("optim", optim.warmup_steps)
+    return (with_warmup(f_optimizer(optim), optim.warmup_steps),
+            warmed_up_rates(f_learning_rates(optim), optim.warmup_steps))
 
 
 def init_network(module: nn.Module, tx: optax.GradientTransformation, key: jax.Array,

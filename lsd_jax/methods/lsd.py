@@ -98,7 +98,7 @@ def build_networks(config) -> Networks:
         g=Generator(m.width, m.dropout_rate, dtype, remat=bool(m.remat_g), plain_kernels=plain),
         d=Discriminator(config.num_classes, m.width, m.dropout_rate, dtype,
                         plain_kernels=plain),
-        f_tx=base.f_optimizer(config.optim),
+        f_tx=base.warmed_up_f_optimizer(config.optim)[0],
         g_tx=gd_optimizer(config.optim),
         d_tx=gd_optimizer(config.optim),
         weights=LossWeights(**config.loss),
@@ -253,7 +253,7 @@ def build(config, nets: Networks | None = None) -> base.Method:
         "f": lambda s, batch, key: f_update(nets, s["f"], s["g"].params, s["d"].params, batch,
                                             key),
     }
-    f_rates = base.f_learning_rates(config.optim)
+    f_rates = base.warmed_up_f_optimizer(config.optim)[1]
 
     def pictures(states, batch):
         out = {}

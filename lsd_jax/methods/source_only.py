@@ -23,9 +23,7 @@ def optimizer_and_rates(config, field: str = "source_only"):
     choice = config[field].optimizer
     base.check_choice(f"{field}.optimizer", choice, OPTIMIZERS)
     warmup = config[field].warmup_steps
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"config.{field}.warmup_steps={warmup!r}: expected a number of steps "
-                         "(0: no warmup)")
+    base.check_warmup_steps(field, warmup)
     if choice == "lsd_adam":
         tx, rates = base.f_optimizer(config.optim), base.f_learning_rates(config.optim)
     elif choice == "daformer_adamw":
