@@ -19,7 +19,7 @@ masks at each of its forward passes; which masks an iteration uses does not chan
 """
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,6 @@ class Networks:
     g_tx: optax.GradientTransformation
     d_tx: optax.GradientTransformation
     weights: LossWeights
-    f_learning_rate: Callable[[jax.Array], jax.Array]
 
 
 class DropoutKeys(NamedTuple):
@@ -102,7 +101,6 @@ def build_networks(config) -> Networks:
         g_tx=gd_optimizer(config.optim),
         d_tx=gd_optimizer(config.optim),
         weights=LossWeights(**config.loss),
-        f_learning_rate=base.f_learning_rate_schedule(config.optim),
     )
 
 
