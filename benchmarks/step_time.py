@@ -57,6 +57,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import default as default_config  # noqa: E402
 from lsd_jax import benchmark, methods, parallel  # noqa: E402
+from lsd_jax.methods import self_training  # noqa: E402
 from lsd_jax.models import VGG_MEAN_BGR, layers  # noqa: E402
 
 # Dense peak FLOP/s per device (no sparsity), by jax's device_kind substring and compute dtype.
@@ -318,12 +319,11 @@ def config_from_flags(ap, args):
     except (benchmark.BenchmarkError, ValueError) as error:
         ap.error(f"--config {args.config}: {benchmark.one_line(error)}")
     args.variant = args.config
-    init = config.init
-    if config.method == "dacs" and config.dacs.feature_distance_weight > 0 and not (
-            init.resnet_weights or init.vgg16_weights or init.torch_f):
+    if config.method == "dacs" and config.dacs.feature_distance_weight > 0 and \
+            not self_training.has_imagenet_weights(config.init):
         # Nothing is loaded here: F and its frozen ImageNet copy start from random weights,
         # which costs the same arithmetic. The build only asks that weights be named.
-        init.resnet_weights = "(not loaded: random weights for timing)"
+        config.init.resnet_weights = "(not loaded: random weights for timing)"
     return config
 
 

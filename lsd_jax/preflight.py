@@ -48,10 +48,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.eval.confusion_method={config.eval.confusion_method!r}: "
                           f"expected one of {evaluate.CONFUSION_METHODS}")
     check_keras_weights_backbone(config)
-    try:
-        rare_class.check_enabled(config.data.rcs)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    rare_class.check_enabled(config.data.rcs)
     f_sources = [f"init.{name}" for name in ("torch_f", "f_workdir") if config.init[name]]
     if len(f_sources) > 1:
         raise ConfigError(f"config.{f_sources[0]} and config.{f_sources[1]} both give F's "

@@ -254,10 +254,7 @@ def rare_class_stream(config, domain, builder, table: np.ndarray, *, seed: int,
                       process_index: int, batch: int, start_step: int) -> tf.data.Dataset:
     """The source drawn by rare-class sampling (lsd_jax/data/rare_class.py): example j of this
     process at step t is a function of (seed, t, its slot in the global batch) alone."""
-    try:
-        rare_class.check_enabled(config.rcs)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    rare_class.check_enabled(config.rcs)
     statistics = config.rcs.statistics
     counts = rare_class.load_statistics(
         statistics, dataset=f"{builder.info.full_name}:{domain.split}",

@@ -30,6 +30,8 @@ import struct
 
 import numpy as np
 
+from lsd_jax.errors import ConfigError
+
 FILE_FORMAT = "lsd_jax.rare_class_statistics"
 FILE_VERSION = 1
 IGNORE_LABEL = 255
@@ -51,7 +53,7 @@ def pixel_counts(label_maps, num_classes: int) -> np.ndarray:
 def check_enabled(rcs) -> None:
     """Sampling switched on needs the statistics file (preflight and the pipeline ask)."""
     if rcs.enabled and not rcs.statistics:
-        raise ValueError("config.data.rcs.enabled is set without config.data.rcs.statistics: "
+        raise ConfigError("config.data.rcs.enabled is set without config.data.rcs.statistics: "
                          "write them once with `python -m lsd_jax.data.rare_class --config "
                          "<this config> --output FILE` and set the field to FILE")
 

@@ -290,6 +290,11 @@ def thing_class_indices(config) -> tuple[int, ...]:
     return tuple(names.index(name) for name in wanted if name in names)
 
 
+def has_imagenet_weights(init) -> bool:
+    """Whether config.init names weights F starts from (the feature distance's reference)."""
+    return bool(init.resnet_weights or init.vgg16_weights or init.torch_f)
+
+
 def check_feature_distance(config) -> None:
     """The feature distance compares F with F as ImageNet made it: refused, in one line,
     without ImageNet weights for F's backbone, when F starts from another run instead, or on
@@ -300,7 +305,7 @@ def check_feature_distance(config) -> None:
         raise ValueError("config.dacs.feature_distance_weight > 0 needs a DeepLab-v2 backbone "
                          "(config.model.backbone=deeplabv2_resnet101 or deeplabv2_vgg16): "
                          "FCN-8s's fc7 is not aligned with the labels")
-    if not (init.resnet_weights or init.vgg16_weights or init.torch_f):
+    if not has_imagenet_weights(init):
         raise ValueError("config.dacs.feature_distance_weight > 0 compares F with its ImageNet "
                          "weights, and none are given: set config.init.resnet_weights (or "
                          "vgg16_weights, or torch_f to an ImageNet-trained DeepLab file)")
