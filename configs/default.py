@@ -411,6 +411,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50      # scalars and the console line every this many steps
     config.train.image_every = 1000  # picture summaries every this many steps (0 = never)
     config.train.eval_every = 5000   # periodic evaluation on data.selection (0 = never)
+    # Also evaluate F as it starts (config.init's weights) on data.eval, before the first step
+    # of a fresh run (results/eval_step_0.*): the figure an adapted F is compared with.
+    config.train.eval_start = False
     # Every loss is checked for NaN/inf; the check waits for the device, so it runs on the
     # metrics gathered since the last check, at every log, checkpoint and evaluation.
 
@@ -443,6 +446,9 @@ def get_config() -> ml_collections.ConfigDict:
     # checkpoint unless init.f_step names one.
     config.init.f_workdir = placeholder(str)
     config.init.f_step = placeholder(int)
+    # The same from one file: an .npz of F's variables written by `python -m lsd_jax.export`
+    # (e.g. the demo's pre-trained F, configs/demo/README.md).
+    config.init.f_file = placeholder(str)
 
     config.lock()
     return config

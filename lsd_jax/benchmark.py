@@ -357,10 +357,11 @@ def resolve_configs(options: Options) -> dict[str, Any]:
                 checked_by_dataset[name] = check_target_overrides(
                     options.target_overrides, builder_config_fields(name), name)
             with_target_overrides(config, checked_by_dataset[name])
-    if options.pretrain and any(c.init.f_workdir for c in configs.values()):
-        raise BenchmarkError(f"--pretrain {options.pretrain} and --config.init.f_workdir both say "
-                             "where F starts: give one (--config.init.f_workdir=DIR/seed{seed} "
-                             "starts each seed from its own run in DIR)")
+    for field in ("f_workdir", "f_file"):
+        if options.pretrain and any(c.init[field] for c in configs.values()):
+            raise BenchmarkError(f"--pretrain {options.pretrain} and --config.init.{field} both "
+                                 "say where F starts: give one (--config.init.f_workdir="
+                                 "DIR/seed{seed} starts each seed from its own run in DIR)")
     return configs
 
 

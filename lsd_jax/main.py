@@ -104,8 +104,11 @@ def where_results_are(workdir: str, summary: dict) -> str:
     from lsd_jax import evaluate, reporting
 
     results = os.path.join(workdir, reporting.RESULTS_SUBDIR, f"eval_step_{summary['step']}.md")
+    start = reporting.read_start_evaluation(workdir) if summary["step"] else None
+    started = ("" if start is None else
+               f" (F as it started, step 0: {evaluate.format_percent(start['miou'])} %)")
     return (f"mIoU {evaluate.format_percent(summary['miou'])} % on {summary['dataset']}:"
-            f"{summary['split']} at step {summary['step']}.\n"
+            f"{summary['split']} at step {summary['step']}{started}.\n"
             f"  per-class table: {results}\n"
             f"  curves and pictures: tensorboard --logdir {workdir}")
 

@@ -110,7 +110,12 @@ def _import_weights(config, method: methods.Method,
         step, saved = checkpoint.read_network(init.f_workdir, "f", init.f_step)
         f_vars = _same_structure(saved, f_vars, f"F of step {step} in {init.f_workdir!r}")
         logging.info("F: from the checkpoint of step %d in %s", step, init.f_workdir)
-    if not (init.vgg16_weights or init.resnet_weights or init.torch_f or init.f_workdir):
+    if init.f_file:
+        f_vars = _same_structure(weights.read_network_file(init.f_file), f_vars,
+                                 f"F in {init.f_file!r}")
+        logging.info("F: from %s", init.f_file)
+    if not (init.vgg16_weights or init.resnet_weights or init.torch_f or init.f_workdir
+            or init.f_file):
         _say_f_starts_from_scratch(config)
     f = f.replace(params=f_vars["params"], frozen=f_vars.get("frozen", {}),
                   batch_stats=f_vars.get("batch_stats", {}))

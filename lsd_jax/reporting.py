@@ -10,6 +10,7 @@ reporting (`--mode eval`, and once at the end of `--mode train_and_eval`).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -194,6 +195,16 @@ def report(config, workdir: str, programs: Programs, writer, step: int, f_variab
     logging.info("step %d: mIoU %s %% on %s:%s (%d classes)%s", step, format_percent(summary["miou"]),
                  summary["dataset"], summary["split"], summary["num_classes_in_miou"], extra)
     return summary
+
+
+def read_start_evaluation(workdir: str) -> dict | None:
+    """The evaluation of F as the run started (`config.train.eval_start`), or None when the
+    run made none."""
+    path = os.path.join(workdir, RESULTS_SUBDIR, "eval_step_0.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,

@@ -102,6 +102,8 @@ def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None
     if start == 0:
         writer.write_hparams({k: (str(v) if isinstance(v, (list, dict)) or v is None else v)
                               for k, v in checkpoint.flatten_config(config).items()})
+        if evaluate_at_end and config.train.eval_start:
+            reporting.report(config, workdir, programs, writer, 0, states["f"].variables())
     stop = distributed.StopSignals(manager.reached_preemption)
     with stop:
         try:

@@ -44,6 +44,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze
 
+from lsd_jax.errors import UserError
 from lsd_jax.models.deeplab import (ASPP_DILATIONS, LARGEFOV_BLOCKS, RESNET101_BLOCKS,
                                     TorchBatchNorm)
 from lsd_jax.models.vgg_fcn import VGG_BLOCKS
@@ -54,8 +55,9 @@ Variables = Mapping[str, Any]
 Path = tuple[str, ...]
 
 
-class WeightImportError(ValueError):
-    """A weight file does not fit the network it is imported into."""
+class WeightImportError(UserError, ValueError):
+    """A weight file does not fit the network it is imported into (a message complete without
+    a traceback: `lsd_jax.main` prints it as one line)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -962,3 +964,44 @@ def import_torch_deeplab(path: str | os.PathLike, variables: Variables, backbone
                          else "deeplabv2_resnet101"]
     unused |= {module for module in kept if any(k.startswith(module + ".") for k in loaded)}
     return _import_table(state, variables, table, what, source), sorted(kept), sorted(unused)
+
+# ------------------------------------------------------------------------------------------------
+# Our own networks, one file each (`python -m lsd_jax.export`, `config.init.f_file`)
+# ------------------------------------------------------------------------------------------------
+
+NETWORK_FILE_SEPARATOR = "/"  # "params/conv1_1/kernel": a variable's path in the network
+
+
+def save_network_file(variables: Variables, path: str | os.PathLike) -> str:
+    """One network's variables ({"params", "frozen", "batch_stats"}) as a NumPy .npz, one array
+    per variable named by its path; returns the file's sha256. Written to a temporary file and
+    renamed, so that an interrupted export leaves no partial file under the name."""
+    import hashlib
+
+    target = os.fspath(path)
+    flat = {_path_str(p): np.asarray(v) for p, v in _flatten(variables).items()}
+    partial = target + ".partial"
+    with open(partial, "wb") as f:
+        np.savez(f, **flat)
+    os.replace(partial, target)
+    with open(target, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_network_file(path: str | os.PathLike) -> dict:
+    """The nested variables that `save_network_file` wrote; WeightImportError naming the file
+    when it is not such a file."""
+    source = os.fspath(path)
+    try:
+        with np.load(source, allow_pickle=False) as archive:
+            flat = {tuple(name.split(NETWORK_FILE_SEPARATOR)): archive[name]
+                    for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise WeightImportError(f"{source}: not a network file of `python -m lsd_jax.export` "
+                                f"(an .npz of one array per variable): {error}") from None
+    if not flat or not all(p[0] in ("params", "frozen", "batch_stats") for p in flat):
+        raise WeightImportError(f"{source}: expected arrays named params/..., frozen/... or "
+                                f"batch_stats/... (a network file of `python -m lsd_jax.export`)"
+                                f", found {sorted(flat)[:3] or 'none'}")
+    nested = traverse_util.unflatten_dict(flat)
+    return {name: nested.get(name, {}) for name in ("params", "frozen", "batch_stats")}

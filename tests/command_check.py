@@ -22,7 +22,8 @@ defines its own (absl's flags are global: lsd_jax.main and lsd_jax.data.benchmar
 - lsd_jax.benchmark: its own argument parsing, config resolution and the checks every run
   starts with;
 - lsd_jax.data.prepare: its flags, and a dataset name that TFDS knows, with its config;
-- lsd_jax.data.benchmark: its flags.
+- lsd_jax.data.benchmark: its flags;
+- lsd_jax.export: its argument parsing and the name of the file it writes.
 """
 from __future__ import annotations
 
@@ -194,6 +195,17 @@ def checker(module_name):
             options = benchmark.parse_args(argv)
             benchmark.check_run_configs(benchmark.resolve_configs(options))
         names = {option.lstrip("-") for action in benchmark._argument_parser()._actions
+                 for option in action.option_strings}
+        return check, names, lambda: None
+
+    if module_name == "lsd_jax.export":
+        from lsd_jax import export
+
+        def check(argv, placeholders):
+            values = {"step": "1", "output": "f.npz"}  # others: a path
+            export.parse_args(with_values(argv, placeholders,
+                                          lambda name: values.get(name, "placeholder")))
+        names = {option.lstrip("-") for action in export.argument_parser()._actions
                  for option in action.option_strings}
         return check, names, lambda: None
 

@@ -7,6 +7,8 @@ A ResNet with one block per stage (`config.model.resnet_blocks`) keeps compilati
 101-layer network is checked against PyTorch in test_deeplab.py."""
 
 import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +93,30 @@ def test_s_update_leaves_the_statistics_of_its_source_then_target_passes():
     for level in ("d", "d_aux"):
         d_new, _ = compiled.updates[level](states, batch, key)
         assert jax.tree.structure(d_new) == jax.tree.structure(states[level])
+
+
+def stem_forward_passes(compiled_text: str, batch: dict) -> int:
+    """How many times a compiled program applies ResNet's stem convolution (7x7, stride 2) to a
+    batch of images: once per forward pass of S over one domain's batch (its weight gradient's
+    convolution has the kernel's shape instead, and no gradient flows to the images)."""
+    n, h, w, _ = batch["source_image"].shape
+    output = re.compile(rf"= f32\[{n},{-(-h // 2)},{-(-w // 2)},\d+\]")
+    return sum(1 for line in compiled_text.splitlines()
+               if "convolution(" in line and "size=7x7" in line and output.search(line))
+
+
+@pytest.mark.slow  # lowers the iteration test_an_iteration_on_deeplab_... compiled (cached)
+def test_the_multi_level_d_updates_recompute_no_forward_pass_of_s():
+    """Each of AdaptSegNet's two D updates calls S on the source and the target images
+    (detached, with S's dropout keys). In the reference's simultaneous mode these are S's own
+    forward passes of the iteration, and XLA computes them once: the compiled iteration runs
+    S's stem twice (source, target), not six times. (In "alternating" mode the D updates see
+    the updated S: 4, one new pass per domain shared by both levels; docs/methods.md, 8.)"""
+    method, states, compiled = built()
+    assert method.mode == "simultaneous" and set(method.networks) == {"f", "d", "d_aux"}
+    batch = learnable_batch()
+    text = compiled.step.lower(states, batch, jax.random.key(1)).compile().as_text()
+    assert stem_forward_passes(text, batch) == 2
 
 
 @pytest.mark.slow  # compiles whole networks' gradients

@@ -247,6 +247,9 @@ def test_a_results_file_cut_short_is_not_a_finished_run(tmp_path):
     (["--config", "configs/synthetic.py", "--variants", "lsd", "--pretrain", "source_only",
       "--config.init.f_workdir=runs/pre"], "--pretrain source_only and --config.init.f_workdir "
      "both say where F starts: give one"),
+    (["--config", "configs/synthetic.py", "--variants", "lsd", "--pretrain", "source_only",
+      "--config.init.f_file=f.npz"], "--pretrain source_only and --config.init.f_file "
+     "both say where F starts: give one"),
 ])
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(REPO_ROOT)

@@ -1,9 +1,10 @@
-"""Every `python -m lsd_jax...` command in the README, docs/, launch/ and the config files works:
-its flags exist, its config file and variant load, its `--config.*` overrides name real fields
-and parse, and the checks a run starts with pass (tests/command_check.py: parsed and checked the
-way each program does it, without training, generating or writing anything). Commands in the
-launch scripts themselves are their tests' business (tests/test_launch.py); the `--config.*`
-examples in their comments are checked here as fields.
+"""Every `python -m lsd_jax...` command in the README, docs/, launch/, the config files and
+configs/*/README.md works: its flags exist, its config file and variant load, its `--config.*`
+overrides name real fields and parse, and the checks a run starts with pass
+(tests/command_check.py: parsed and checked the way each program does it, without training,
+generating or writing anything). Commands in the launch scripts themselves are their tests'
+business (tests/test_launch.py); the `--config.*` examples in their comments are checked here
+as fields.
 
 Values the documentation leaves to the reader (`DIR`, `<file>`, `...`, `$CONFIG`) are not
 parsed: their flags must exist. A command with elided arguments (a bare `...`) has each of its
@@ -28,7 +29,7 @@ SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "2>&1", "&", ")"}
 
 
 def documented_files() -> list[str]:
-    patterns = ["README.md", "docs/*.md", "launch/*.md", "configs/*.py"]
+    patterns = ["README.md", "docs/*.md", "launch/*.md", "configs/*.py", "configs/*/README.md"]
     return sorted(path for pattern in patterns
                   for path in glob.glob(os.path.join(REPO_ROOT, pattern)))
 
@@ -176,9 +177,11 @@ def test_every_documenting_file_is_read():
     commands = documented_commands()
     where = {c["where"].split(":")[0] for cs in commands.values() for c in cs}
     assert {"README.md", "docs/training.md", "docs/results.md", "docs/benchmark.md",
-            "launch/README.md", "configs/gta.py", "configs/synthetic.py"} <= where
+            "launch/README.md", "configs/gta.py", "configs/synthetic.py",
+            "configs/demo/README.md"} <= where
     assert {"lsd_jax.main", "lsd_jax.benchmark", "lsd_jax.data.prepare",
-            "lsd_jax.size_constraints", "lsd_jax.appearance_transfer"} <= set(commands)
+            "lsd_jax.size_constraints", "lsd_jax.appearance_transfer",
+            "lsd_jax.export"} <= set(commands)
 
 
 # ----------------------------------------------------------------------------- the check
@@ -204,6 +207,8 @@ MISSPELT = {
     "lsd_jax.appearance_transfer": [
         ["--config", "configs/gta.py", "--output", "d", "--config.aan.iteration=5"],
         ["--config", "configs/gta.py:fcan", "--output", "d"]],  # a copy from a copy
+    "lsd_jax.export": [["--workdir", "runs/pre", "--ouptut", "f.npz"],
+                       ["--workdir", "runs/pre", "--output", "f.pth"]],
 }
 PROGRAMS = sorted(MISSPELT) + ["lsd_jax.data.benchmark"]
 

@@ -59,7 +59,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     """About 60 s: `python -m lsd_jax.main` trains (data generation and compilation
     included), then evaluates, each in its own process, as a user runs them."""
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
-    trained = run_main("--config", "configs/synthetic.py", "--workdir", workdir, "--mode=train",
+    trained = run_main("--config", "configs/synthetic.py:lsd", "--workdir", workdir, "--mode=train",
                        *tiny_flags(data_dir), env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert trained.returncode == 0, trained.stderr[-4000:]
     log = trained.stderr
@@ -86,7 +86,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert 0 <= scalars["selection/miou"][0] <= 1
     assert {"train/source", "train/target", "selection/prediction_vs_label"} <= images
 
-    evaluated = run_main("--config", "configs/synthetic.py", "--workdir", workdir,
+    evaluated = run_main("--config", "configs/synthetic.py:lsd", "--workdir", workdir,
                          "--mode", "eval", *tiny_flags(data_dir))
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     results = json.load(open(os.path.join(workdir, "results", "eval_step_4.json")))
@@ -191,7 +191,7 @@ def two_devices():
 def test_config_errors_are_one_line_and_come_before_anything_is_written(
         tmp_path, changes, env, message):
     workdir = tmp_path / "run"
-    result = run_main("--config", "configs/synthetic.py", "--workdir", str(workdir),
+    result = run_main("--config", "configs/synthetic.py:lsd", "--workdir", str(workdir),
                       *tiny_flags(str(tmp_path / "tfds"), **changes), env=env, timeout=120)
     assert_one_line_error(result, message)
     assert not workdir.exists() and not (tmp_path / "tfds").exists()
@@ -202,12 +202,12 @@ def test_eval_without_the_checkpoint_asked_for_is_one_line(tmp_path):
     import jax
 
     workdir = tmp_path / "run"
-    flags = ["--config", "configs/synthetic.py", "--workdir", str(workdir), "--mode=eval",
+    flags = ["--config", "configs/synthetic.py:lsd", "--workdir", str(workdir), "--mode=eval",
              *tiny_flags(str(tmp_path / "tfds"))]
     result = run_main(*flags, timeout=120)
     assert_one_line_error(result, f"no checkpoint in {workdir}/checkpoints: train first")
 
-    checkpoint.write_config(str(workdir), load_config_file("synthetic"))
+    checkpoint.write_config(str(workdir), load_config_file("synthetic", "lsd"))
     manager = checkpoint.make_manager(str(workdir), asynchronous=False)
     checkpoint.save(manager, 2, {"w": jax.numpy.ones(2)}, jax.random.key(0))
     manager.close()
@@ -220,7 +220,7 @@ def test_eval_without_the_checkpoint_asked_for_is_one_line(tmp_path):
 def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     workdir = tmp_path / "file" / "run"
-    result = run_main("--config", "configs/synthetic.py", "--workdir", str(workdir),
+    result = run_main("--config", "configs/synthetic.py:lsd", "--workdir", str(workdir),
                       *tiny_flags(str(tmp_path / "tfds")), timeout=120)
     assert_one_line_error(result, f"--workdir {workdir}: {tmp_path}/file is not a directory")
 
@@ -238,7 +238,7 @@ def start_training(workdir, data_dir):
     flags = tiny_flags(data_dir, **{"train.num_steps": 100_000, "train.log_every": 1,
                                     "train.eval_every": 0, "train.image_every": 0})
     return subprocess.Popen(
-        [sys.executable, "-m", "lsd_jax.main", "--config", "configs/synthetic.py", "--workdir",
+        [sys.executable, "-m", "lsd_jax.main", "--config", "configs/synthetic.py:lsd", "--workdir",
          workdir, "--mode=train", *flags], cwd=REPO_ROOT, text=True,
         env={**os.environ, "XLA_FLAGS": xla_flags(1)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -285,7 +285,7 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_from_there(tmp_path,
     step = int(stopped[1])
     assert str(step) in os.listdir(os.path.join(workdir, "checkpoints"))
 
-    resumed = run_main("--config", "configs/synthetic.py", "--workdir", workdir, "--mode=train",
+    resumed = run_main("--config", "configs/synthetic.py:lsd", "--workdir", workdir, "--mode=train",
                        *tiny_flags(data_dir, **{"train.num_steps": step + 1,
                                                 "train.log_every": 1, "train.eval_every": 0,
                                                 "train.image_every": 0}))

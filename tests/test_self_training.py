@@ -473,6 +473,8 @@ def fd_config(**init):
     ("deeplabv2_resnet101", {}, r"compares F with its ImageNet weights, and none are given"),
     ("deeplabv2_resnet101", {"resnet_weights": "r.h5", "f_workdir": "runs/pre"},
      r"config.init.f_workdir starts F from another run"),
+    ("deeplabv2_resnet101", {"resnet_weights": "r.h5", "f_file": "f.npz"},
+     r"config.init.f_file starts F from another run"),
     ("fcn8s_vgg16", {"vgg16_weights": "v.h5"}, r"needs a DeepLab-v2 backbone"),
 ])
 def test_the_feature_distance_is_refused_without_imagenet_weights(backbone, init, message):

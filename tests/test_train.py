@@ -1,6 +1,7 @@
 """The training loop's failure handling and helpers (the loop itself: test_checkpoint, test_main)."""
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,24 +257,35 @@ def test_every_config_and_variant_is_valid(name, variant):
         config.optim.f_llr = 1.0  # locked: a misspelled field is an error
 
 
-def test_the_synthetic_demo_is_the_lsd_recipe_on_the_effects_only_target_and_short():
-    """`--config configs/synthetic.py` (no argument) is the 5-minute demo: `:lsd` with the
-    effects-only shift on every set read from the target (not on the source), 300 iterations;
-    the benchmark's `:lsd` keeps the default target."""
-    demo, lsd = load_config_file("synthetic"), load_config_file("synthetic", "lsd")
+def test_the_synthetic_demo_is_dacs_from_the_shipped_f_on_the_effects_only_target_and_short():
+    """`--config configs/synthetic.py` (no argument) is the 5-minute demo: `:dacs` with the
+    effects-only shift on every set read from the target (not on the source), from the F
+    shipped in configs/demo (the file its README's checksum names), 500 iterations, F
+    evaluated as it starts and at the end; the benchmark's `:dacs` keeps the default target."""
+    import hashlib
+
+    demo, dacs = load_config_file("synthetic"), load_config_file("synthetic", "dacs")
     preflight.check_config(demo)
     preflight.check_selection_is_not_eval(demo.data)
-    assert demo.method == "lsd" and demo.loss.reduction == "mean"
+    assert demo.method == "dacs"
     shift = {"palette": "game", "texture": 0.4, "lighting": 0.9, "noise": 20.0, "blur": 1.5}
     for field in ("target", "selection", "eval"):
         assert demo.data[field].config_overrides.to_dict() == shift
-        assert not lsd.data[field].config_overrides
+        assert not dacs.data[field].config_overrides
     assert not demo.data.source.config_overrides
-    assert (demo.train.num_steps, demo.optim.lr_decay_steps) == (300, 200)
-    assert demo.train.eval_every == demo.checkpoint.every == 300
+    assert (demo.train.num_steps, demo.optim.lr_decay_steps) == (500, 375)
+    assert demo.train.eval_start and demo.train.eval_every == 0
+    assert demo.checkpoint.every == 500
+    shipped = os.path.join(REPO_ROOT, "configs", "demo", "pretrained_f.npz")
+    assert os.path.samefile(demo.init.f_file, shipped)
+    with open(shipped, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(REPO_ROOT, "configs", "demo", "README.md")) as f:
+        assert f"sha256 {digest}" in f.read()
     differing = {k for k, v in checkpoint.flatten_config(demo).items()
-                 if checkpoint.flatten_config(lsd).get(k) != v}
-    assert {k.split(".")[0] for k in differing} <= {"data", "train", "optim", "checkpoint"}
+                 if checkpoint.flatten_config(dacs).get(k) != v}
+    assert {k.split(".")[0] for k in differing} <= {"data", "train", "optim", "checkpoint",
+                                                     "init"}
 
 
 @pytest.mark.parametrize("name", ["gta_deeplab", "synthia_deeplab"])
@@ -448,8 +460,93 @@ def test_a_pretrained_f_of_another_network_is_refused_naming_the_tensor(tmp_path
         initial_states(config, tiny_programs())
 
 
+@pytest.mark.slow  # trains two steps and evaluates twice with the tiny LSD programs
+def test_an_exported_f_starts_a_run_that_evaluates_it_before_its_first_step(tmp_path, capsys):
+    """`python -m lsd_jax.export` writes F of a run's checkpoint to one .npz and prints its
+    sha256; a run started from that file (config.init.f_file) has that F exactly, as one
+    started from the workdir (config.init.f_workdir). With train.eval_start, F as it started is
+    evaluated on data.eval before the first step (results/eval_step_0), and the run's last
+    line gives that figure beside the trained F's."""
+    import hashlib
+
+    from lsd_jax import export, main
+    from lsd_jax.evaluate import format_percent
+
+    programs = tiny_programs()
+    pretrained = tiny_programs("source_only").init(jax.random.key(7))  # not the run's own key
+    # Score layers away from their zero start, so that F predicts more than one class.
+    pretrained["f"] = pretrained["f"].replace(params={
+        name: (jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                            layer) if name.startswith("score") else layer)
+        for name, layer in pretrained["f"].params.items()})
+    save_states(tmp_path / "pre", pretrained, 20)
+    f_file = tmp_path / "f.npz"
+    assert export.main(["--workdir", str(tmp_path / "pre"), "--output", str(f_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "F of step 20" in printed
+    assert f"sha256 {hashlib.sha256(f_file.read_bytes()).hexdigest()}" in printed
+
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.init.f_file = str(f_file)
+    from_file = initial_states(config, programs)["f"]
+    from_workdir = tiny_config(str(tmp_path / "tfds"))
+    from_workdir.init.f_workdir = str(tmp_path / "pre")
+    expected = initial_states(from_workdir, programs)["f"]
+    jax.tree.map(np.testing.assert_array_equal, from_file.variables(), expected.variables())
+    jax.tree.map(np.testing.assert_array_equal, from_file.params, pretrained["f"].params)
+    fresh = initial_states(tiny_config(str(tmp_path / "tfds")), programs)["f"]
+    assert not np.array_equal(from_file.params["conv1_1"]["kernel"],
+                              fresh.params["conv1_1"]["kernel"])
+
+    config.train.eval_start = True
+    config.train.num_steps = 2
+    run = str(tmp_path / "run")
+    result = train.train_and_evaluate(config, run, programs=programs)
+    start = reporting.read_start_evaluation(run)
+    direct = reporting.run_evaluation(config, programs, from_file.variables(), "eval")
+    assert start["step"] == 0 and start["miou"] == direct["miou"]
+    assert result.eval_summary["step"] == 2 and result.eval_summary["miou"] != start["miou"]
+    line = main.where_results_are(run, result.eval_summary).splitlines()[0]
+    assert line.endswith(f"at step 2 (F as it started, step 0: "
+                         f"{format_percent(start['miou'])} %).")
+
+
+@pytest.mark.parametrize("contents, message", [
+    (b"not a zip", r"f.npz: not a network file of `python -m lsd_jax.export`"),
+    (None, r"f.npz: expected arrays named params/..."),
+])
+def test_a_file_that_is_not_an_exported_network_is_named(tmp_path, contents, message):
+    path = tmp_path / "f.npz"
+    if contents is None:
+        np.savez(path, weights=np.zeros(3))
+    else:
+        path.write_bytes(contents)
+    config = tiny_config(str(tmp_path / "tfds"))
+    config.init.f_file = str(path)
+    with pytest.raises(errors.UserError, match=message):
+        initial_states(config, tiny_programs())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workdir", "{tmp}/none", "--output", "{tmp}/f.npz"], r"--workdir '.*none': no such"),
+    (["--workdir", "{tmp}", "--output", "{tmp}/f.pth"], r"--output '.*f.pth': expected a file "
+                                                         r"name ending in .npz"),
+    (["--workdir", "{tmp}", "--output", "{tmp}/no/f.npz"], r"--output .*: no folder"),
+    (["--workdir", "{tmp}", "--output", "{tmp}/f.npz"], r"holds no checkpoint"),
+])
+def test_export_errors_are_one_line(tmp_path, capsys, argv, message):
+    from lsd_jax import export
+
+    assert export.main([a.format(tmp=tmp_path) for a in argv]) != 0
+    error = capsys.readouterr().err
+    assert error.startswith("lsd_jax.export: ") and error.count("\n") == 1
+    assert re.search(message, error), error
+    assert not (tmp_path / "f.npz").exists()
+
+
 @pytest.mark.parametrize("init, message", [
     ({"f_workdir": "{tmp}/none"}, r"f_workdir='.*none': no checkpoint there"),
+    ({"f_file": "{tmp}/none.npz"}, r"config.init.f_file='.*none.npz': no such file"),
     ({"f_workdir": "{tmp}/run"}, r"is this run's own workdir"),
     ({"f_workdir": "{tmp}/pre", "f_step": 3}, r"f_step=3: '.*pre' has checkpoints of steps \[5\]"),
 ])
@@ -467,6 +564,8 @@ def test_a_missing_pretrained_run_is_refused_before_anything_is_written(tmp_path
     ({"torch_f": "f.pth", "f_workdir": "runs/pre"},
      r"config.init.torch_f and config.init.f_workdir both give F's weights: set one"),
     ({"f_step": 4}, r"config.init.f_step=4 is set without config.init.f_workdir"),
+    ({"f_workdir": "runs/pre", "f_file": "f.npz"},
+     r"config.init.f_workdir and config.init.f_file both give F's weights: set one"),
 ])
 def test_conflicting_initialisations_are_refused(tmp_path, init, message):
     config = tiny_config(str(tmp_path / "tfds"))

@@ -309,10 +309,11 @@ def check_feature_distance(config) -> None:
         raise ValueError("config.dacs.feature_distance_weight > 0 compares F with its ImageNet "
                          "weights, and none are given: set config.init.resnet_weights (or "
                          "vgg16_weights, or torch_f to an ImageNet-trained DeepLab file)")
-    if init.f_workdir:
-        raise ValueError("config.dacs.feature_distance_weight > 0 compares F with its ImageNet "
-                         "weights, but config.init.f_workdir starts F from another run: the "
-                         "frozen copy would be that run's F, not ImageNet's")
+    for field in ("f_workdir", "f_file"):
+        if init[field]:
+            raise ValueError("config.dacs.feature_distance_weight > 0 compares F with its "
+                             f"ImageNet weights, but config.init.{field} starts F from another "
+                             "run: the frozen copy would be that run's F, not ImageNet's")
 
 
 def check_block(block) -> None:
