@@ -412,7 +412,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.image_every = 1000  # picture summaries every this many steps (0 = never)
     config.train.eval_every = 5000   # periodic evaluation on data.selection (0 = never)
     # Also evaluate F as it starts (config.init's weights) on data.eval, before the first step
-    # of a fresh run (results/eval_step_0.*): the figure an adapted F is compared with.
+    # of a fresh run (results/eval_step_0.*): the figure an adapted F is compared with. With
+    # --mode train_and_eval, the mode that evaluates on data.eval.
     config.train.eval_start = False
     # Every loss is checked for NaN/inf; the check waits for the device, so it runs on the
     # metrics gathered since the last check, at every log, checkpoint and evaluation.
