@@ -49,7 +49,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"expected one of {evaluate.CONFUSION_METHODS}")
     check_keras_weights_backbone(config)
     rare_class.check_enabled(config.data.rcs)
-    f_sources = [f"init.{name}" for name in F_SOURCES if config.init[name]]
+    f_sources = [f"init.{name}" for name in methods.base.F_SOURCES
+                 if config.init[name]]
     if len(f_sources) > 1:
         raise ConfigError(f"config.{f_sources[0]} and config.{f_sources[1]} both give F's "
                           "weights: set one")
@@ -61,9 +62,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.init.{name} is set but config.method={config.method!r} "
                               f"has no {name[-1].upper()}")
 
-
-# The fields of config.init that give F's weights whole (set one at most).
-F_SOURCES = ("torch_f", "f_workdir", "f_file")
 
 # The backbones each Keras ImageNet weights field of config.init fits.
 KERAS_WEIGHTS_BACKBONES = {"vgg16_weights": ("fcn8s_vgg16", "deeplabv2_vgg16"),

@@ -114,7 +114,8 @@ def _import_weights(config, method: methods.Method,
         f_vars = _same_structure(weights.read_network_file(init.f_file), f_vars,
                                  f"F in {init.f_file!r}")
         logging.info("F: from %s", init.f_file)
-    if not any(init[name] for name in ("vgg16_weights", "resnet_weights", *preflight.F_SOURCES)):
+    if not any(init[name] for name in ("vgg16_weights", "resnet_weights",
+                                       *methods.base.F_SOURCES)):
         _say_f_starts_from_scratch(config)
     f = f.replace(params=f_vars["params"], frozen=f_vars.get("frozen", {}),
                   batch_stats=f_vars.get("batch_stats", {}))

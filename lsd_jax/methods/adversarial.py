@@ -390,7 +390,7 @@ def method_from_parts(name: str, config, parts: Parts) -> base.Method:
 
 def build(config) -> base.Method:
     parts = build_parts(config)
-    if not parts.tied and not (config.init.f_workdir or config.init.f_file or config.init.torch_f):
+    if not parts.tied and not any(config.init[name] for name in base.F_SOURCES):
         logging.warning("config.adversarial.tied=False (ADDA) starts its target encoder and "
                         "keeps its classifier from a source-trained F, but config.init names "
                         "none (set init.f_workdir to a source-only run)")

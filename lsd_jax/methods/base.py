@@ -119,6 +119,11 @@ def run_iteration(updates: Mapping[str, Update], mode: str, states: States, batc
     return current, metrics
 
 
+# The fields of config.init that give F's weights whole, from another run or file (set one
+# at most: preflight.check_config).
+F_SOURCES = ("torch_f", "f_workdir", "f_file")
+
+
 class Compiled(NamedTuple):
     """A method's compiled programs. `step` is one whole iteration (states donated when asked);
     `separate_step` the same iteration as one compiled call per update."""
