@@ -231,6 +231,7 @@ def test_copy_resumes_refuses_other_settings_and_builds(tmp_path):
     assert batch["source_label"].shape[1:] == (32, 64)
 
 
+@pytest.mark.slow  # a subprocess
 def test_command_refuses_an_adapted_source_in_one_line(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "lsd_jax.appearance_transfer", "--config",

@@ -249,9 +249,11 @@ def test_frozen_statistics_ignore_the_batch():
     module = deeplab.DeepLabV2ResNet(CLASSES, width=1 / 16, blocks=(1, 1, 1, 1),
                                      bn_statistics="frozen")
     x = jax.random.normal(jax.random.key(0), (2, 65, 65, 3))
-    variables = module.init(jax.random.key(1), x)
-    (train_score, *_), updated = module.apply(variables, x, train=True, mutable=["batch_stats"])
-    np.testing.assert_array_equal(train_score, module.apply(variables, x, train=False)[0])
+    # Compiled, as training and evaluation run them (op by op, they compile for seconds).
+    variables = jax.jit(module.init)(jax.random.key(1), x)
+    apply = jax.jit(module.apply, static_argnames=("train", "mutable"))
+    (train_score, *_), updated = apply(variables, x, train=True, mutable=("batch_stats",))
+    np.testing.assert_array_equal(train_score, apply(variables, x, train=False)[0])
     assert jax.tree.all(jax.tree.map(jnp.array_equal, updated["batch_stats"],
                                      variables["batch_stats"]))
     with pytest.raises(ValueError, match="bn_statistics='moving'.*'batch', 'frozen'"):

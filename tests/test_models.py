@@ -99,7 +99,9 @@ def test_bad_image_shapes_are_named(shape):
 
 def test_frozen_upsamplers_hold_bilinear_kernels():
     f = FCN8s(num_classes=3, width=1 / 16)
-    variables = f.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    # Compiled (op by op, F's initialisation compiles for seconds).
+    variables = jax.jit(f.init, static_argnames="train")(jax.random.key(0),
+                                                         jnp.zeros((1, 32, 32, 3)), train=False)
     assert set(variables["frozen"]) == {"upscore2", "upscore_pool4", "upscore8"}
     assert not any(name.startswith("upscore") for name in variables["params"])
     np.testing.assert_array_equal(variables["frozen"]["upscore8"], bilinear_kernel(3, 16))

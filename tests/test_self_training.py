@@ -119,8 +119,9 @@ def test_classmix_takes_whole_classes_half_of_those_present_ignore_label_include
     label[8:, 12:] = IGNORE_LABEL       # five values present: 0, 2, 5, 9 and 255
     label = jnp.asarray(label)
     seen = set()
+    mask_of = jax.jit(st.classmix_mask, static_argnums=2)  # as trained; 40 eager draws: 2 s
     for i in range(40):
-        mask = np.asarray(st.classmix_mask(jax.random.key(i), label, CLASSES))
+        mask = np.asarray(mask_of(jax.random.key(i), label, CLASSES))
         chosen = {int(v) for v in np.unique(np.asarray(label)[mask])}
         # A union of whole class regions: every pixel of a chosen value, none of the others.
         np.testing.assert_array_equal(mask, np.isin(np.asarray(label), list(chosen)))
@@ -168,20 +169,24 @@ def test_mic_masks_are_whole_blocks_masked_at_the_ratio():
 
 def test_colour_conversions_and_augmentation_keep_images_in_range():
     rgb = jax.random.uniform(jax.random.key(0), (8, 8, 3))
-    np.testing.assert_allclose(st.hsv_to_rgb(st.rgb_to_hsv(rgb)), rgb, atol=1e-6)
+    # Compiled, as training runs them (op by op, these conversions compile for seconds).
+    np.testing.assert_allclose(jax.jit(lambda x: st.hsv_to_rgb(st.rgb_to_hsv(x)))(rgb), rgb,
+                               atol=1e-6)
     grey = jnp.full((4, 4, 3), 0.4)
     np.testing.assert_allclose(st.rgb_to_hsv(grey)[..., 1], 0.0)   # no hue, no saturation
     # Zero strength: the jitter is the identity; a blur keeps a constant image.
-    np.testing.assert_allclose(st.colour_jitter(jax.random.key(1), rgb, 0.0), rgb, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(st.colour_jitter, static_argnums=2)(
+        jax.random.key(1), rgb, 0.0), rgb, atol=1e-6)
     np.testing.assert_allclose(st.gaussian_blur(grey, jnp.float32(0.8), 5), grey, atol=1e-6)
     assert [st.blur_kernel_size(h) for h in (512, 128, 32)] == [51, 13, 3]   # DACS's sizes
     block = dacs_config().dacs
     images = jax.random.uniform(jax.random.key(2), (6, 32, 64, 3))
-    out = st.strong_augment(jax.random.key(3), images, block)
+    augment = jax.jit(lambda key, images: st.strong_augment(key, images, block))
+    out = augment(jax.random.key(3), images)
     assert out.shape == images.shape and 0 <= float(out.min()) and float(out.max()) <= 1
     changed = [bool(jnp.any(jnp.abs(o - i) > 1e-6)) for o, i in zip(out, images)]
     assert any(changed)                                 # each image with its own draws
-    np.testing.assert_array_equal(out, st.strong_augment(jax.random.key(3), images, block))
+    np.testing.assert_array_equal(out, augment(jax.random.key(3), images))
 
 
 # ----------------------------------------------------------------------------- the losses

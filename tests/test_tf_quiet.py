@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from lsd_jax import tf_quiet
 from train_helpers import subprocess_env
 
@@ -24,6 +26,7 @@ def test_only_the_startup_notices_are_dropped():
     assert tf_quiet.drop_startup_notices("no newline at the end") == "no newline at the end"
 
 
+@pytest.mark.slow  # a subprocess
 def test_importing_through_it_prints_nothing_and_keeps_the_rest():
     code = ("import sys; from lsd_jax.tf_quiet import import_tensorflow_datasets as i; "
             "tfds = i(); import tensorflow as tf; assert i() is tfds; "
