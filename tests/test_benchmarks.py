@@ -15,12 +15,13 @@ import pytest
 
 from configs import default
 from lsd_jax import methods
-from train_helpers import REPO_ROOT, subprocess_env
+from train_helpers import REPO_ROOT, load_config_file, subprocess_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
 import first_layers  # noqa: E402
 import kernel_forms  # noqa: E402
+import published_start  # noqa: E402
 import step_time  # noqa: E402
 
 HLO = """\
@@ -160,6 +161,31 @@ def test_top_ops_on_the_cpu_are_the_thunks_named_by_their_instruction():
     what = {"convolution.3": "f32[1,32,64,4]{3,2,1,0}  jit(step)/F/conv1_2/conv_general_dilated"}
     assert step_time.top_ops(events, 5, what) == [("convolution.3", 2.5, what["convolution.3"]),
                                                   ("loop_fusion.8", 1.0, "")]
+
+
+def test_published_start_changes_only_what_fits_the_run_to_its_files():
+    """benchmarks/published_start.py's overrides parse as `python -m lsd_jax.main` parses them,
+    for every variant it starts, and leave the published batch, optimiser and schedule."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    overrides = published_start.run_overrides("tfds", 4, 2, 256, "r101.h5")
+    for variant in published_start.VARIANTS:
+        argv = ["main", "--config", os.path.join(REPO_ROOT, variant), *overrides]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+        flag_values(argv)
+        config, published = flag_values.config, load_config_file(*variant[8:].split(".py:"))
+        assert (config.data.data_dir, config.train.num_steps) == ("tfds", 2)
+        assert (config.data.target.split, config.data.selection.split) == ("train[:4]",
+                                                                           "train[4:]")
+        assert config.data.source.crop == config.data.target.crop == (256, 256)
+        assert config.init.resnet_weights == "r101.h5"
+        published.data.data_dir, published.train.num_steps = "tfds", 2
+        published.data.target.split, published.data.selection.split = "train[:4]", "train[4:]"
+        published.data.source.crop = published.data.target.crop = (256, 256)
+        published.init.resnet_weights = "r101.h5"
+        assert config.to_dict() == published.to_dict(), variant  # nothing else changed
 
 
 def test_a_config_files_variant_is_timed_as_published(capsys):
