@@ -44,9 +44,11 @@ faster), `cityscapes_extracted/1024x512` (target, the last 200 train images held
 for model selection), `cityscapes_extracted/full` (evaluation on val, logits from a 1024x512
 input upsampled to 2048x1024).
 
-Time per iteration: not measured here yet (benchmarks/step_time.py --variant ... --backbone
-deeplabv2_resnet101 measures it on the machine at hand; docs/performance.md has the CPU rows).
-No run of this config has been measured by this project.
+Time per iteration on a CPU at small sizes: docs/performance.md (benchmarks/step_time.py
+--config configs/gta_deeplab.py:VARIANT measures it on the machine at hand). The self-training
+variants have been started on random files in the real formats (benchmarks/published_start.py:
+two steps, a checkpoint, the evaluations; docs/results.md); no full run of this config has
+been measured by this project.
 """
 
 import ml_collections

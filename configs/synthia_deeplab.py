@@ -21,8 +21,9 @@ SYNTHIA model was trained on 13 classes; here every variant trains on SYNTHIA's 
 the 13-class score of the same model beside the 16-class one (docs/methods.md section 6).
 
 Data: `synthia/16` (source, whole 1280x760 frames), Cityscapes as in configs/gta_deeplab.py.
-Time per iteration: not measured here yet. No run of this config has been measured by this
-project.
+The self-training variants have been started on random files in the real formats
+(benchmarks/published_start.py, docs/results.md); no full run of this config has been
+measured by this project.
 """
 
 import ml_collections
