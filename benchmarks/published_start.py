@@ -208,7 +208,8 @@ def main(argv=None):
             print(last_lines(log), flush=True)
     print("\n| variant | exit | wall | wrote |\n|---|---:|---:|---|")
     for variant, status, seconds, wrote in rows:
-        print(f"| `{variant}` | {status} | {seconds / 60:.0f}m{seconds % 60:02.0f}s | {wrote} |")
+        minutes, rest = divmod(round(seconds), 60)
+        print(f"| `{variant}` | {status} | {minutes}m{rest:02d}s | {wrote} |")
     with open(os.path.join(workdir, "published_start.json"), "w") as f:
         json.dump({"overrides": common[:-1], "rows": rows}, f, indent=1)
     return 1 if any(status for _, status, _, _ in rows) else 0
