@@ -174,14 +174,36 @@ def check_datasets(data, which: tuple[str, ...]) -> None:
     for field in which:
         domain = data[field]
         try:
-            pipeline.load_builder(domain.name, data.data_dir, domain.manual_dir,
-                                  domain.config_overrides.to_dict())
+            builder = pipeline.load_builder(domain.name, data.data_dir, domain.manual_dir,
+                                            domain.config_overrides.to_dict())
         except FileNotFoundError as error:
             raise DatasetMissingError(
                 f"config.data.{field}: {error} With the TFDS command line: "
                 f"`{tfds_build_command(domain.name, data.data_dir)}`.") from None
         except ValueError as error:  # e.g. config_overrides naming no builder-config field
             raise ConfigError(f"config.data.{field}: {error}") from None
+        if field == "source" and data.rcs.enabled:
+            check_rare_class_statistics(data, builder)
+
+
+def check_rare_class_statistics(data, builder) -> None:
+    """Rare-class sampling's statistics file exists and describes this source: the pipeline
+    reads it only once the run has begun writing its workdir."""
+    from lsd_jax.data import classes, rare_class
+
+    rare_class.check_enabled(data.rcs)
+    split = data.source.split
+    try:
+        counts = rare_class.load_statistics(
+            data.rcs.statistics, dataset=f"{builder.info.full_name}:{split}",
+            class_set=data.class_set, num_classes=len(classes.class_set(data.class_set)))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"config.data.rcs.statistics: {error}") from None
+    images = builder.info.splits[split].num_examples
+    if counts.shape[0] != images:
+        raise ConfigError(f"config.data.rcs.statistics={data.rcs.statistics!r} counts "
+                          f"{counts.shape[0]} images, {data.source.name}:{split} has {images}: "
+                          "write them again for this source")
 
 
 def evaluated_sets(config, evaluate_at_end: bool) -> tuple[str, ...]:

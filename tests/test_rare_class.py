@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from lsd_jax.data import pipeline, rare_class
+from lsd_jax.errors import ConfigError
 from train_helpers import tiny_config
 
 COUNTS = np.array([[900, 100, 0, 0],
@@ -136,3 +137,29 @@ def test_statistics_of_another_source_are_refused(prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m lsd_jax.data.rare_class"):
         rare_class.load_statistics(str(tmp_path / "none.json"), dataset="x", class_set="y",
                                    num_classes=19)
+
+
+def test_a_run_checks_its_statistics_before_writing_anything(prepared, tmp_path):
+    """Missing, of another source, or counting other images: refused by the run's checks
+    (preflight), which come before its workdir is written; the file the command wrote passes."""
+    from lsd_jax import preflight
+
+    config, counts, path = prepared
+    data = config.data
+    data.rcs.enabled = True
+    checked = lambda: preflight.check_datasets(data, ("source",))  # noqa: E731
+    data.rcs.statistics = path
+    checked()
+    data.rcs.statistics = str(tmp_path / "none.json")
+    with pytest.raises(ConfigError, match=r"config.data.rcs.statistics: .*none.json: no such"):
+        checked()
+    record = json.load(open(path))
+    for field, value, message in (("dataset", "gta5/1280x720/1.0.0:train", "dataset 'gta5"),
+                                  ("num_images", 15, "counts 15 images, .* has 16")):
+        changed = dict(record, **{field: value})
+        if field == "num_images":
+            changed["pixel_counts"] = record["pixel_counts"][:15]
+        (tmp_path / f"{field}.json").write_text(json.dumps(changed))
+        data.rcs.statistics = str(tmp_path / f"{field}.json")
+        with pytest.raises(ConfigError, match=message):
+            checked()
