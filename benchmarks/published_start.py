@@ -180,7 +180,7 @@ def main(argv=None):
     for variant in variants:
         name = variant.replace("configs/", "").replace(".py:", "_")
         extra = []
-        config_file, config_arg = variant.split(":")
+        config_arg = variant.split(":")[1]
         if config_arg in ("daformer", "mic"):
             statistics = os.path.join(workdir, f"rcs_{name.split('_')[0]}.json")
             if not os.path.exists(statistics):
