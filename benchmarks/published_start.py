@@ -116,7 +116,7 @@ def last_lines(path, count=15):
 
 
 def prepare_everything(workdir, sources, images, tfds_dir):
-    """Raw files, the prepared datasets, the ImageNet-layout weights, the RCS statistics."""
+    """Raw files, the prepared datasets and the ImageNet-layout weights (their path)."""
     rng = np.random.default_rng(0)
     raw = os.path.join(workdir, "raw")
     writers = {"gta5": lambda root: write_gta5(root, images, rng),
@@ -170,19 +170,19 @@ def main(argv=None):
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     variants = [v for v in args.variants.split(",") if v]
-    sources = {SOURCE_OF[os.path.basename(v.split(":")[0]).removesuffix(".py")] for v in variants}
+    source_of = {v: SOURCE_OF[os.path.basename(v.split(":")[0]).removesuffix(".py")]
+                 for v in variants}
     tfds_dir = os.path.join(workdir, "tensorflow_datasets")
-    weights = prepare_everything(workdir, sources, args.images, tfds_dir)
+    weights = prepare_everything(workdir, set(source_of.values()), args.images, tfds_dir)
 
     common = run_overrides(tfds_dir, args.images, args.steps, args.crop, weights)
-    print("overrides of every run:", " ".join(common[:-1]), flush=True)
+    print("overrides of every run:", " ".join(common), flush=True)
     rows = []
     for variant in variants:
         name = variant.replace("configs/", "").replace(".py:", "_")
         extra = []
-        config_arg = variant.split(":")[1]
-        if config_arg in ("daformer", "mic"):
-            statistics = os.path.join(workdir, f"rcs_{name.split('_')[0]}.json")
+        if variant.split(":")[1] in ("daformer", "mic"):
+            statistics = os.path.join(workdir, f"rcs_{source_of[variant]}.json")
             if not os.path.exists(statistics):
                 log = os.path.join(workdir, f"rcs_{name}.log")
                 status, seconds = run([sys.executable, "-m", "lsd_jax.data.rare_class",
@@ -211,7 +211,7 @@ def main(argv=None):
         minutes, rest = divmod(round(seconds), 60)
         print(f"| `{variant}` | {status} | {minutes}m{rest:02d}s | {wrote} |")
     with open(os.path.join(workdir, "published_start.json"), "w") as f:
-        json.dump({"overrides": common[:-1], "rows": rows}, f, indent=1)
+        json.dump({"overrides": common, "rows": rows}, f, indent=1)
     return 1 if any(status for _, status, _, _ in rows) else 0
 
 

@@ -168,8 +168,9 @@ def tfds_build_command(name: str, data_dir: str | None) -> str:
 
 def check_datasets(data, which: tuple[str, ...]) -> None:
     """Every named dataset is prepared (the synthetic scenes are generated when missing), or
-    an error that says which command prepares it."""
-    from lsd_jax.data import pipeline
+    an error that says which command prepares it; with rare-class sampling, the source's
+    statistics file describes it."""
+    from lsd_jax.data import pipeline, rare_class
 
     for field in which:
         domain = data[field]
@@ -183,27 +184,7 @@ def check_datasets(data, which: tuple[str, ...]) -> None:
         except ValueError as error:  # e.g. config_overrides naming no builder-config field
             raise ConfigError(f"config.data.{field}: {error}") from None
         if field == "source" and data.rcs.enabled:
-            check_rare_class_statistics(data, builder)
-
-
-def check_rare_class_statistics(data, builder) -> None:
-    """Rare-class sampling's statistics file exists and describes this source: the pipeline
-    reads it only once the run has begun writing its workdir."""
-    from lsd_jax.data import classes, rare_class
-
-    rare_class.check_enabled(data.rcs)
-    split = data.source.split
-    try:
-        counts = rare_class.load_statistics(
-            data.rcs.statistics, dataset=f"{builder.info.full_name}:{split}",
-            class_set=data.class_set, num_classes=len(classes.class_set(data.class_set)))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"config.data.rcs.statistics: {error}") from None
-    images = builder.info.splits[split].num_examples
-    if counts.shape[0] != images:
-        raise ConfigError(f"config.data.rcs.statistics={data.rcs.statistics!r} counts "
-                          f"{counts.shape[0]} images, {data.source.name}:{split} has {images}: "
-                          "write them again for this source")
+            rare_class.source_statistics(data, builder)
 
 
 def evaluated_sets(config, evaluate_at_end: bool) -> tuple[str, ...]:

@@ -175,7 +175,8 @@ def test_published_start_changes_only_what_fits_the_run_to_its_files():
         flag_values = flags.FlagValues()
         config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
         flag_values(argv)
-        config, published = flag_values.config, load_config_file(*variant[8:].split(".py:"))
+        config, published = flag_values.config, load_config_file(
+            *os.path.basename(variant).split(".py:"))
         assert (config.data.data_dir, config.train.num_steps) == ("tfds", 2)
         assert (config.data.target.split, config.data.selection.split) == ("train[:4]",
                                                                            "train[4:]")

@@ -254,16 +254,11 @@ def rare_class_stream(config, domain, builder, table: np.ndarray, *, seed: int,
                       process_index: int, batch: int, start_step: int) -> tf.data.Dataset:
     """The source drawn by rare-class sampling (lsd_jax/data/rare_class.py): example j of this
     process at step t is a function of (seed, t, its slot in the global batch) alone."""
-    rare_class.check_enabled(config.rcs)
-    statistics = config.rcs.statistics
-    counts = rare_class.load_statistics(
-        statistics, dataset=f"{builder.info.full_name}:{domain.split}",
-        class_set=config.class_set, num_classes=len(classes.class_set(config.class_set)))
+    counts = rare_class.source_statistics(config, builder)
     locations = rare_class.record_locations(builder.info.splits[domain.split].file_instructions)
-    if len(locations) != counts.shape[0]:
-        raise ConfigError(f"config.data.rcs.statistics={statistics!r} counts "
-                          f"{counts.shape[0]} images, {domain.name}:{domain.split} has "
-                          f"{len(locations)}: write them again for this source")
+    if len(locations) != counts.shape[0]:  # the records read by index, as the split counts them
+        raise ConfigError(f"{domain.name}:{domain.split}: {len(locations)} records in its files, "
+                          f"{counts.shape[0]} examples in its metadata")
     draw = rare_class.sampler(counts, config.rcs)
     image_key, label_key, _ = label_source(builder, "cityscapes19")
     skip = {image_key: tfds.decode.SkipDecoding(), label_key: tfds.decode.SkipDecoding()}

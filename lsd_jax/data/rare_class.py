@@ -99,6 +99,28 @@ def load_statistics(path: str, *, dataset: str, class_set: str, num_classes: int
     return counts
 
 
+def source_statistics(data, builder) -> np.ndarray:
+    """`data.rcs.statistics`, checked against the source it must describe (`builder`, read at
+    `data.source.split`): by the run's checks before anything is written, and by the pipeline
+    that draws from it. Every failure a ConfigError naming the field."""
+    from lsd_jax.data import classes
+
+    check_enabled(data.rcs)
+    path, split = data.rcs.statistics, data.source.split
+    try:
+        counts = load_statistics(path, dataset=f"{builder.info.full_name}:{split}",
+                                 class_set=data.class_set,
+                                 num_classes=len(classes.class_set(data.class_set)))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"config.data.rcs.statistics: {error}") from None
+    images = builder.info.splits[split].num_examples
+    if counts.shape[0] != images:
+        raise ConfigError(f"config.data.rcs.statistics={path!r} counts {counts.shape[0]} images, "
+                          f"{data.source.name}:{split} has {images}: write them again for this "
+                          "source")
+    return counts
+
+
 def class_probabilities(counts: np.ndarray, temperature: float
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(classes that occur, their sampling probabilities softmax((1 - f_c) / T))."""
