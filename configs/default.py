@@ -329,6 +329,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.source_only = ml_collections.ConfigDict(dict(
         optimizer="lsd_adam",
         warmup_steps=0,  # DAFormer's warmup: linear from 1e-6 x the rate over these steps
+        # DACS's strong transform (config.dacs's colour jitter and blur) on the source images:
+        # an option of the embedded benchmark's pre-training phase, off for every baseline.
+        augment=False,
     ))
 
     # Self-training with a mean teacher (method "dacs", docs/methods.md section 12): DACS's

@@ -18,7 +18,7 @@ import pytest
 from configs import default
 from lsd_jax import methods
 from lsd_jax.losses import IGNORE_LABEL
-from lsd_jax.methods import base, self_training as st
+from lsd_jax.methods import base, self_training as st, source_only
 from test_gradients import assert_close
 from test_steps import assert_trees_equal, trees_differ
 
@@ -187,6 +187,45 @@ def test_colour_conversions_and_augmentation_keep_images_in_range():
     changed = [bool(jnp.any(jnp.abs(o - i) > 1e-6)) for o, i in zip(out, images)]
     assert any(changed)                                 # each image with its own draws
     np.testing.assert_array_equal(out, augment(jax.random.key(3), images))
+
+
+def test_the_pretraining_augmentation_transforms_source_images_only_and_by_the_step_key():
+    """config.source_only.augment: DACS's strong transform on the source images (the embedded
+    benchmark's pre-training phase), its own draws per image from the step key."""
+    b = batch()
+    block = dacs_config(jitter_probability=1.0, blur_probability=1.0).dacs
+    augment = jax.jit(lambda b, key: source_only.augmented_source(b, key, block))
+    out = augment(b, jax.random.key(5))
+    assert set(out) == set(b)
+    np.testing.assert_array_equal(out["source_label"], b["source_label"])
+    np.testing.assert_array_equal(out["target_image"], b["target_image"])
+    moved = jnp.abs(out["source_image"] - b["source_image"]).max(axis=(1, 2, 3))
+    assert bool(jnp.all(moved > 1.0)), moved          # every image, by more than a grey level
+    in01 = st.image01(out["source_image"])
+    assert 0 <= float(in01.min()) and float(in01.max()) <= 1
+    np.testing.assert_array_equal(out["source_image"], augment(b, jax.random.key(5))["source_image"])
+    assert trees_differ(out["source_image"], augment(b, jax.random.key(6))["source_image"])
+    # With neither transform drawn, the images come back as they went in.
+    off = dacs_config(jitter_probability=0.0, blur_probability=0.0).dacs
+    np.testing.assert_allclose(source_only.augmented_source(b, jax.random.key(5), off)
+                               ["source_image"], b["source_image"], atol=1e-3)
+
+
+def test_the_pretraining_augmentation_is_checked_and_reaches_the_update(monkeypatch):
+    config = dacs_config("source_only", blur_sigma=(1.0, 0.5))
+    config.source_only.augment = True
+    with pytest.raises(ValueError, match=r"config.dacs.blur_sigma=\(1.0, 0.5\)"):
+        methods.build(config)
+    blocks = []
+    monkeypatch.setattr(source_only, "augmented_source",
+                        lambda b, key, block: blocks.append(block) or b)
+    for augment in (False, True):
+        config = dacs_config("source_only")
+        config.source_only.augment = augment
+        method = methods.build(config)
+        states = jax.eval_shape(method.init, jax.random.key(0))
+        jax.eval_shape(method.updates["f"], states, batch(), jax.random.key(1))
+        assert blocks == ([config.dacs] if augment else []), augment
 
 
 # ----------------------------------------------------------------------------- the losses

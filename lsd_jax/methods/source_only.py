@@ -4,16 +4,22 @@ Adam (`config.optim`) with LSD's segmentation loss (`config.loss.reduction`), or
 ADVENT's S training, their SGD and poly schedule (`config.adaptsegnet`'s rates) with their
 cross-entropy averaged over pixels (their rates are for that loss: with a sum over a batch of
 128x256 scenes the first steps overflow). The oracle is the same method trained on the target's
-labels (the configs' `target_only` variant)."""
+labels (the configs' `target_only` variant).
+
+With `config.source_only.augment`, each source image is first given DACS's strong transform
+(colour jitter and Gaussian blur with `config.dacs`'s values, its own draws from the step key):
+an option of the benchmark's pre-training phase (configs/synthetic.py's `:pretrain`), not of
+the source-only baseline of any paper."""
 
 import jax
 import optax
 
 from lsd_jax import losses
-from lsd_jax.methods import adaptsegnet, base
+from lsd_jax.methods import adaptsegnet, base, self_training
 
 # config.source_only.optimizer: whose optimiser S trains with.
 OPTIMIZERS = ("lsd_adam", "output_space_sgd", "daformer_adamw")
+_AUGMENT = 2  # the step key's stream of the source images' augmentation (0: F's dropout)
 
 
 def optimizer_and_rates(config, field: str = "source_only"):
@@ -77,8 +83,17 @@ def source_only_loss(f, reduction, variables, batch, key):
     return loss, ({"loss": loss, "seg": loss}, statistics)
 
 
-def f_update(f, tx, reduction, f_state, batch, key):
+def augmented_source(batch, key, block):
+    """The batch with its source images given DACS's strong transform (`block`: config.dacs)."""
+    image01 = self_training.image01(batch["source_image"])
+    augmented = self_training.strong_augment(jax.random.fold_in(key, _AUGMENT), image01, block)
+    return {**batch, "source_image": self_training.f_view(augmented)}
+
+
+def f_update(f, tx, reduction, augment, f_state, batch, key):
     base.check_batch(batch, with_target=False, with_image01=False, one_size=False)
+    if augment is not None:
+        batch = augmented_source(batch, key, augment)
     key = base.f_dropout_key(key, "source")
     grads, (metrics, statistics) = jax.grad(
         lambda p: source_only_loss(f, reduction, f_state.variables(p), batch, key),
@@ -91,11 +106,15 @@ def build(config) -> base.Method:
     f = base.segmentation_network(config)
     tx, learning_rates = optimizer_and_rates(config)
     reduction = loss_reduction(config)
+    augment = config.dacs if config.source_only.augment else None
+    if augment is not None:
+        self_training.check_block(augment)
 
     return base.Method(
         name="source_only",
         networks={"f": f},
-        updates={"f": lambda s, batch, key: f_update(f, tx, reduction, s["f"], batch, key)},
+        updates={"f": lambda s, batch, key: f_update(f, tx, reduction, augment, s["f"],
+                                                     batch, key)},
         mode="alternating",  # one update: the modes are the same
         init=lambda key: {"f": base.init_network(f, tx, base.init_keys(key)[0],
                                                 base.example_image(), train=False)},
