@@ -345,6 +345,9 @@ def get_config() -> ml_collections.ConfigDict:
         confidence_threshold=0.968,  # pseudo-labelled pixels weigh the fraction above this
         jitter_strength=0.25, jitter_probability=0.8,  # the mixed images' colour jitter
         blur_probability=0.5, blur_sigma=(0.15, 1.15),  # ... and Gaussian blur
+        # The same jitter and blur on the source term's images too (not DACS's: off by
+        # default; ClassMix still pastes the source pixels as they are, then transforms).
+        augment_source=False,
         mic_weight=0.0,         # MIC's masked image consistency (0 = off; dacs_mic: 1)
         mic_block_size=32,      # MIC's b at 512x512 crops (64 at HRDA's full resolution)
         mic_mask_ratio=0.7,     # the fraction of blocks masked

@@ -12,6 +12,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -226,6 +227,44 @@ def test_the_pretraining_augmentation_is_checked_and_reaches_the_update(monkeypa
         states = jax.eval_shape(method.init, jax.random.key(0))
         jax.eval_shape(method.updates["f"], states, batch(), jax.random.key(1))
         assert blocks == ([config.dacs] if augment else []), augment
+
+
+@pytest.mark.slow  # compiles the student's loss twice
+def test_dacs_can_augment_its_source_term():
+    """About 10 s. config.dacs.augment_source: the source term is the cross-entropy on the
+    source images strongly augmented by the step key's stream 8 (computed here by hand), and
+    nothing else changes: ClassMix pastes the source pixels as they are (the mixed term is the
+    same)."""
+    config = dacs_config("dacs", jitter_probability=1.0, blur_probability=1.0)
+    method = methods.build(config)
+    states = method.init(jax.random.key(0))
+    f, b, key = method.networks["f"], batch(), jax.random.key(2)
+    # The classifier starts at zero (every score equal); move every parameter a little.
+    leaves, tree = jax.tree.flatten(states["f"].params)
+    noise = jax.random.split(jax.random.key(3), len(leaves))
+    variables = states["f"].variables(jax.tree.unflatten(tree, [
+        p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, noise)]))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def terms(augment_source):
+        block = config.dacs.copy_and_resolve_references()
+        block.augment_source = augment_source
+        _, (t, _) = st.student_loss(f, block, CLASSES, variables, states["teacher"], b, key)
+        return t
+
+    plain, augmented = terms(False), terms(True)
+    assert float(plain["mix"]) == float(augmented["mix"])
+    assert abs(float(plain["seg"]) - float(augmented["seg"])) > 1e-3
+    image = st.strongly_augmented(jax.random.fold_in(key, 8), b["source_image"], config.dacs)
+    outputs, _ = base.f_outputs(f, variables, image, train=True,
+                                key=base.f_dropout_key(key, "source"))
+    from lsd_jax import losses
+    np.testing.assert_allclose(float(augmented["seg"]),
+                               float(losses.ce2d(outputs["score"], b["source_label"], "mean")),
+                               rtol=1e-5)
+    wrong = ml_collections.ConfigDict({**config.dacs.to_dict(), "augment_source": "yes"})
+    with pytest.raises(ValueError, match=r"config.dacs.augment_source='yes': expected True"):
+        st.check_block(wrong)
 
 
 # ----------------------------------------------------------------------------- the losses

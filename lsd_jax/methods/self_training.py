@@ -17,6 +17,8 @@ the teacher follows the student's new parameters, DACS's order):
              prediction on the target image, freshly jittered and blurred, with b x b blocks
              masked (each with probability `mic_mask_ratio`; masked pixels 0 in F's input, the
              mean colour), against the same pseudo-labels and weight.
+             With `augment_source` (not DACS's; off by default): CE(source) on the source
+             images jittered and blurred the same way, each with its own draws.
     teacher: params <- a params + (1 - a) student params, a = min(1 - 1/(t + 1), ema_alpha),
              t the number of EMA updates before this one (its state's count: the training step,
              checkpointed with it, so a resumed run is the uninterrupted one bit for bit).
@@ -40,8 +42,8 @@ FEATURE_LABEL_MIN_RATIO = 0.75  # DAFormer's: a feature cell's label covers 3/4 
 DEEPLAB_OUTPUT_STRIDE = 8
 # Streams of the step key; 0 and 1 are F's dropout on the source and target images, as in
 # every method (base.f_dropout_key).
-_MIXED_DROPOUT, _MASKED_DROPOUT, _CLASSMIX, _MIXED_AUGMENT, _MASKED_AUGMENT, _MIC_MASK = (
-    2, 3, 4, 5, 6, 7)
+(_MIXED_DROPOUT, _MASKED_DROPOUT, _CLASSMIX, _MIXED_AUGMENT, _MASKED_AUGMENT, _MIC_MASK,
+ _SOURCE_AUGMENT) = (2, 3, 4, 5, 6, 7, 8)
 
 
 def ema_rate(count: jax.Array, alpha: float) -> jax.Array:
@@ -211,6 +213,11 @@ def strong_augment(key: jax.Array, image01_bgr: jax.Array, block) -> jax.Array:
     return jax.vmap(one)(jax.random.split(key, image01_bgr.shape[0]), image01_bgr)
 
 
+def strongly_augmented(key: jax.Array, f_input: jax.Array, block) -> jax.Array:
+    """`strong_augment` on a batch of F's inputs, as F's inputs."""
+    return f_view(strong_augment(key, image01(f_input), block))
+
+
 def f_view(image01_bgr: jax.Array) -> jax.Array:
     """F's input from BGR in [0, 1]: BGR 0-255 minus the Caffe mean (the pipeline's view)."""
     return image01_bgr * 255.0 - jnp.asarray(VGG_MEAN_BGR, image01_bgr.dtype)
@@ -333,6 +340,9 @@ def check_block(block) -> None:
     number("mic_mask_ratio", 0.0, 1.0, closed_high=False)
     number("mic_weight", 0.0, float("inf"), closed_high=False)
     number("feature_distance_weight", 0.0, float("inf"), closed_high=False)
+    if not isinstance(block.augment_source, bool):
+        raise ValueError(f"config.dacs.augment_source={block.augment_source!r}: expected True "
+                         "or False")
     sigma = tuple(block.blur_sigma)
     if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
         raise ValueError(f"config.dacs.blur_sigma={block.blur_sigma!r}: expected (low, high) "
@@ -369,13 +379,17 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
         return outputs, ({**variables, "batch_stats": statistics} if statistics
                          else variables)
 
-    source_outputs, variables = student(variables, batch["source_image"],
+    source_image = batch["source_image"]
+    if block.augment_source:  # not DACS's: its source term sees the images as they are
+        source_image = strongly_augmented(jax.random.fold_in(key, _SOURCE_AUGMENT), source_image,
+                                          block)
+    source_outputs, variables = student(variables, source_image,
                                         base.f_dropout_key(key, "source"))
     terms = {"seg": losses.ce2d(source_outputs["score"], batch["source_label"], "mean")}
     extra = 0.0
     if block.feature_distance_weight > 0:
         features = base.output_names(f)[1]  # the backbone's last stage (layer4 / fc7)
-        imagenet_outputs, _ = base.f_outputs(f, imagenet.variables(), batch["source_image"],
+        imagenet_outputs, _ = base.f_outputs(f, imagenet.variables(), source_image,
                                              train=False)
         student_features = source_outputs[features]
         labels = labels_of_features(batch["source_label"], student_features.shape[1:3],

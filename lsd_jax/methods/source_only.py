@@ -85,9 +85,8 @@ def source_only_loss(f, reduction, variables, batch, key):
 
 def augmented_source(batch, key, block):
     """The batch with its source images given DACS's strong transform (`block`: config.dacs)."""
-    image01 = self_training.image01(batch["source_image"])
-    augmented = self_training.strong_augment(jax.random.fold_in(key, _AUGMENT), image01, block)
-    return {**batch, "source_image": self_training.f_view(augmented)}
+    return {**batch, "source_image": self_training.strongly_augmented(
+        jax.random.fold_in(key, _AUGMENT), batch["source_image"], block)}
 
 
 def f_update(f, tx, reduction, augment, f_state, batch, key):
