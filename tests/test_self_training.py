@@ -19,7 +19,7 @@ import pytest
 from configs import default
 from lsd_jax import methods
 from lsd_jax.losses import IGNORE_LABEL
-from lsd_jax.methods import base, self_training as st, source_only
+from lsd_jax.methods import augmentation, base, self_training as st, source_only
 from test_gradients import assert_close
 from test_steps import assert_trees_equal, trees_differ
 
@@ -47,7 +47,7 @@ def batch(seed=0, n=2, height=32, width=64):
     labels = labels.repeat(8, axis=1).repeat(8, axis=2)
     palette = rng.random((CLASSES, 3)).astype(np.float32)
     image01 = np.clip(palette[labels] + 0.05 * rng.standard_normal(labels.shape + (3,)), 0, 1)
-    image = st.f_view(jnp.asarray(image01, jnp.float32))
+    image = augmentation.f_view(jnp.asarray(image01, jnp.float32))
     labels[:, :2] = IGNORE_LABEL
     return {"source_image": image[:n], "source_label": jnp.asarray(labels[:n], jnp.int32),
             "target_image": image[n:, :, :, ::-1]}
@@ -171,18 +171,18 @@ def test_mic_masks_are_whole_blocks_masked_at_the_ratio():
 def test_colour_conversions_and_augmentation_keep_images_in_range():
     rgb = jax.random.uniform(jax.random.key(0), (8, 8, 3))
     # Compiled, as training runs them (op by op, these conversions compile for seconds).
-    np.testing.assert_allclose(jax.jit(lambda x: st.hsv_to_rgb(st.rgb_to_hsv(x)))(rgb), rgb,
+    np.testing.assert_allclose(jax.jit(lambda x: augmentation.hsv_to_rgb(augmentation.rgb_to_hsv(x)))(rgb), rgb,
                                atol=1e-6)
     grey = jnp.full((4, 4, 3), 0.4)
-    np.testing.assert_allclose(st.rgb_to_hsv(grey)[..., 1], 0.0)   # no hue, no saturation
+    np.testing.assert_allclose(augmentation.rgb_to_hsv(grey)[..., 1], 0.0)   # no hue, no saturation
     # Zero strength: the jitter is the identity; a blur keeps a constant image.
-    np.testing.assert_allclose(jax.jit(st.colour_jitter, static_argnums=2)(
+    np.testing.assert_allclose(jax.jit(augmentation.colour_jitter, static_argnums=2)(
         jax.random.key(1), rgb, 0.0), rgb, atol=1e-6)
-    np.testing.assert_allclose(st.gaussian_blur(grey, jnp.float32(0.8), 5), grey, atol=1e-6)
-    assert [st.blur_kernel_size(h) for h in (512, 128, 32)] == [51, 13, 3]   # DACS's sizes
+    np.testing.assert_allclose(augmentation.gaussian_blur(grey, jnp.float32(0.8), 5), grey, atol=1e-6)
+    assert [augmentation.blur_kernel_size(h) for h in (512, 128, 32)] == [51, 13, 3]   # DACS's sizes
     block = dacs_config().dacs
     images = jax.random.uniform(jax.random.key(2), (6, 32, 64, 3))
-    augment = jax.jit(lambda key, images: st.strong_augment(key, images, block))
+    augment = jax.jit(lambda key, images: augmentation.strong_augment(key, images, block))
     out = augment(jax.random.key(3), images)
     assert out.shape == images.shape and 0 <= float(out.min()) and float(out.max()) <= 1
     changed = [bool(jnp.any(jnp.abs(o - i) > 1e-6)) for o, i in zip(out, images)]
@@ -202,7 +202,7 @@ def test_the_pretraining_augmentation_transforms_source_images_only_and_by_the_s
     np.testing.assert_array_equal(out["target_image"], b["target_image"])
     moved = jnp.abs(out["source_image"] - b["source_image"]).max(axis=(1, 2, 3))
     assert bool(jnp.all(moved > 1.0)), moved          # every image, by more than a grey level
-    in01 = st.image01(out["source_image"])
+    in01 = augmentation.image01(out["source_image"])
     assert 0 <= float(in01.min()) and float(in01.max()) <= 1
     np.testing.assert_array_equal(out["source_image"], augment(b, jax.random.key(5))["source_image"])
     assert trees_differ(out["source_image"], augment(b, jax.random.key(6))["source_image"])
@@ -255,7 +255,7 @@ def test_dacs_can_augment_its_source_term():
     plain, augmented = terms(False), terms(True)
     assert float(plain["mix"]) == float(augmented["mix"])
     assert abs(float(plain["seg"]) - float(augmented["seg"])) > 1e-3
-    image = st.strongly_augmented(jax.random.fold_in(key, 8), b["source_image"], config.dacs)
+    image = augmentation.strongly_augmented(jax.random.fold_in(key, 8), b["source_image"], config.dacs)
     outputs, _ = base.f_outputs(f, variables, image, train=True,
                                 key=base.f_dropout_key(key, "source"))
     from lsd_jax import losses

@@ -27,13 +27,14 @@ The student is what is evaluated and exported. All randomness (ClassMix's classe
 MIC's masks) comes from the step's key. `config.dacs` holds the values.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from lsd_jax import losses
 from lsd_jax.losses import IGNORE_LABEL
-from lsd_jax.methods import base, source_only
-from lsd_jax.models import VGG_MEAN_BGR
+from lsd_jax.methods import augmentation, base, source_only
 from lsd_jax.models.layers import at_least_float32
 
 TEACHER = "teacher"
@@ -129,104 +130,7 @@ def classmix(key: jax.Array, source01, target01, source_label, pseudo_label, num
     return images, labels, mask
 
 
-# ----------------------------------------------------------------------------- augmentation
-
-def _grey(rgb: jax.Array) -> jax.Array:
-    """ITU-R 601 luma, as torchvision's rgb_to_grayscale, keeping a channel axis."""
-    return (0.299 * rgb[..., 0:1] + 0.587 * rgb[..., 1:2] + 0.114 * rgb[..., 2:3])
-
-
-def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
-    """RGB in [0, 1] -> (hue in [0, 1), saturation, value), as torchvision's _rgb2hsv."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    value = jnp.max(rgb, axis=-1)
-    chroma = value - jnp.min(rgb, axis=-1)
-    safe = jnp.where(chroma > 0, chroma, 1.0)
-    hue = jnp.where(value == r, ((g - b) / safe) % 6.0,
-                    jnp.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    hue = jnp.where(chroma > 0, hue / 6.0, 0.0)
-    saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1.0), 0.0)
-    return jnp.stack([hue, saturation, value], axis=-1)
-
-
-def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-    """The inverse of `rgb_to_hsv`."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    k = jnp.stack([5.0, 3.0, 1.0])
-    k = (k + h[..., None] * 6.0) % 6.0
-    return v[..., None] - v[..., None] * s[..., None] * jnp.clip(
-        jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
-def colour_jitter(key: jax.Array, rgb: jax.Array, strength: float) -> jax.Array:
-    """One image (H, W, 3, RGB in [0, 1]): brightness, contrast and saturation factors from
-    U(1 - s, 1 + s), then a hue shift from U(-s, s) of the colour circle, each clipped to
-    [0, 1] (torchvision's ColorJitter in a fixed order: it draws the order at random)."""
-    kb, kc, ks, kh = jax.random.split(key, 4)
-    factor = lambda k: jax.random.uniform(k, (), minval=max(0.0, 1 - strength),  # noqa: E731
-                                          maxval=1 + strength)
-    rgb = jnp.clip(rgb * factor(kb), 0.0, 1.0)
-    mean = jnp.mean(_grey(rgb))
-    rgb = jnp.clip((rgb - mean) * factor(kc) + mean, 0.0, 1.0)
-    grey = _grey(rgb)
-    rgb = jnp.clip((rgb - grey) * factor(ks) + grey, 0.0, 1.0)
-    hsv = rgb_to_hsv(rgb)
-    shift = jax.random.uniform(kh, (), minval=-strength, maxval=strength)
-    return jnp.clip(hsv_to_rgb(hsv.at[..., 0].set((hsv[..., 0] + shift) % 1.0)), 0.0, 1.0)
-
-
-def blur_kernel_size(height: int) -> int:
-    """The references' kernel size: about a tenth of the image height, odd."""
-    size = -(-height // 10)
-    return size if size % 2 else size - 1
-
-
-def gaussian_blur(image: jax.Array, sigma: jax.Array, size: int) -> jax.Array:
-    """One image (H, W, C) blurred by a separable Gaussian of `size` taps, reflected borders."""
-    taps = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
-    weights = jnp.exp(-0.5 * jnp.square(taps / sigma))
-    weights = weights / jnp.sum(weights)
-    half = size // 2
-    padded = jnp.pad(image, ((half, half), (half, half), (0, 0)), mode="reflect")
-    rows = sum(weights[i] * padded[i:i + image.shape[0]] for i in range(size))
-    return sum(weights[i] * rows[:, i:i + image.shape[1]] for i in range(size))
-
-
-def strong_augment(key: jax.Array, image01_bgr: jax.Array, block) -> jax.Array:
-    """A batch of BGR images in [0, 1], each with its own draws: colour jitter (probability
-    `jitter_probability`) then Gaussian blur (probability `blur_probability`, sigma from
-    U(blur_sigma)), as DACS's strong transform of the mixed images (no flip)."""
-    size = blur_kernel_size(image01_bgr.shape[1])
-    low, high = block.blur_sigma
-
-    def one(key, bgr):
-        k_jitter, k_apply_jitter, k_apply_blur, k_sigma = jax.random.split(key, 4)
-        rgb = bgr[..., ::-1]
-        jittered = colour_jitter(k_jitter, rgb, block.jitter_strength)
-        rgb = jnp.where(jax.random.uniform(k_apply_jitter) < block.jitter_probability,
-                        jittered, rgb)
-        sigma = jax.random.uniform(k_sigma, (), minval=low, maxval=high)
-        blurred = gaussian_blur(rgb, sigma, size)
-        rgb = jnp.where(jax.random.uniform(k_apply_blur) < block.blur_probability, blurred, rgb)
-        return rgb[..., ::-1]
-
-    return jax.vmap(one)(jax.random.split(key, image01_bgr.shape[0]), image01_bgr)
-
-
-def strongly_augmented(key: jax.Array, f_input: jax.Array, block) -> jax.Array:
-    """`strong_augment` on a batch of F's inputs, as F's inputs."""
-    return f_view(strong_augment(key, image01(f_input), block))
-
-
-def f_view(image01_bgr: jax.Array) -> jax.Array:
-    """F's input from BGR in [0, 1]: BGR 0-255 minus the Caffe mean (the pipeline's view)."""
-    return image01_bgr * 255.0 - jnp.asarray(VGG_MEAN_BGR, image01_bgr.dtype)
-
-
-def image01(f_input: jax.Array) -> jax.Array:
-    """The inverse of `f_view` (the pipeline clips to 0-255 before, so this is in [0, 1])."""
-    return (f_input + jnp.asarray(VGG_MEAN_BGR, f_input.dtype)) / 255.0
-
+# ----------------------------------------------------------------------------- MIC
 
 def mic_mask(key: jax.Array, shape: tuple[int, int, int], block_size: int, ratio: float
              ) -> jax.Array:
@@ -325,28 +229,16 @@ def check_feature_distance(config) -> None:
 
 def check_block(block) -> None:
     """`config.dacs`'s values, or an error naming the field."""
-    def number(name, low, high, closed_high=True):
-        value = block[name]
-        if (not isinstance(value, (int, float)) or not low <= value
-                or not (value <= high if closed_high else value < high)):
-            bound = "]" if closed_high else ")"
-            raise ValueError(f"config.dacs.{name}={value!r}: expected a number in "
-                             f"[{low}, {high}{bound}")
+    number = functools.partial(augmentation.check_number, block)
+    augmentation.check_values(block)
     number("ema_alpha", 0.0, 1.0, closed_high=False)
     number("confidence_threshold", 0.0, 1.0)
-    number("jitter_strength", 0.0, 0.5)
-    for name in ("jitter_probability", "blur_probability"):
-        number(name, 0.0, 1.0)
     number("mic_mask_ratio", 0.0, 1.0, closed_high=False)
     number("mic_weight", 0.0, float("inf"), closed_high=False)
     number("feature_distance_weight", 0.0, float("inf"), closed_high=False)
     if not isinstance(block.augment_source, bool):
         raise ValueError(f"config.dacs.augment_source={block.augment_source!r}: expected True "
                          "or False")
-    sigma = tuple(block.blur_sigma)
-    if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
-        raise ValueError(f"config.dacs.blur_sigma={block.blur_sigma!r}: expected (low, high) "
-                         "with 0 < low <= high")
     crop = tuple(block.pseudo_label_crop)
     if len(crop) != 2 or not all(isinstance(r, int) and r >= 0 for r in crop):
         raise ValueError(f"config.dacs.pseudo_label_crop={block.pseudo_label_crop!r}: expected "
@@ -381,8 +273,8 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
 
     source_image = batch["source_image"]
     if block.augment_source:  # not DACS's: its source term sees the images as they are
-        source_image = strongly_augmented(jax.random.fold_in(key, _SOURCE_AUGMENT), source_image,
-                                          block)
+        source_image = augmentation.strongly_augmented(
+            jax.random.fold_in(key, _SOURCE_AUGMENT), source_image, block)
     source_outputs, variables = student(variables, source_image,
                                         base.f_dropout_key(key, "source"))
     terms = {"seg": losses.ce2d(source_outputs["score"], batch["source_label"], "mean")}
@@ -401,21 +293,24 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
 
     pseudo, confidence = pseudo_labels(f, teacher, batch["target_image"])
     weight = confident_fraction(confidence, block.confidence_threshold)
-    source01, target01 = image01(batch["source_image"]), image01(batch["target_image"])
+    source01 = augmentation.image01(batch["source_image"])
+    target01 = augmentation.image01(batch["target_image"])
     mixed01, mixed_labels, mask = classmix(jax.random.fold_in(key, _CLASSMIX), source01,
                                            target01, batch["source_label"], pseudo, num_classes)
-    mixed01 = strong_augment(jax.random.fold_in(key, _MIXED_AUGMENT), mixed01, block)
-    mixed_outputs, variables = student(variables, f_view(mixed01),
+    mixed01 = augmentation.strong_augment(jax.random.fold_in(key, _MIXED_AUGMENT), mixed01,
+                                          block)
+    mixed_outputs, variables = student(variables, augmentation.f_view(mixed01),
                                        jax.random.fold_in(key, _MIXED_DROPOUT))
     mixed_scores = mixed_outputs["score"]
     pseudo_weights = pseudo_label_weights(weight, pseudo.shape, tuple(block.pseudo_label_crop))
     terms["mix"] = weighted_ce(mixed_scores, mixed_labels, jnp.where(mask, 1.0, pseudo_weights))
     loss = terms["seg"] + terms["mix"] + extra
     if block.mic_weight > 0:
-        masked01 = strong_augment(jax.random.fold_in(key, _MASKED_AUGMENT), target01, block)
+        masked01 = augmentation.strong_augment(jax.random.fold_in(key, _MASKED_AUGMENT),
+                                               target01, block)
         keep = mic_mask(jax.random.fold_in(key, _MIC_MASK), pseudo.shape, block.mic_block_size,
                         block.mic_mask_ratio)
-        masked = jnp.where(keep[..., None], f_view(masked01), 0.0)
+        masked = jnp.where(keep[..., None], augmentation.f_view(masked01), 0.0)
         masked_outputs, variables = student(variables, masked,
                                             jax.random.fold_in(key, _MASKED_DROPOUT))
         masked_scores = masked_outputs["score"]

@@ -15,7 +15,7 @@ import jax
 import optax
 
 from lsd_jax import losses
-from lsd_jax.methods import adaptsegnet, base, self_training
+from lsd_jax.methods import adaptsegnet, augmentation, base
 
 # config.source_only.optimizer: whose optimiser S trains with.
 OPTIMIZERS = ("lsd_adam", "output_space_sgd", "daformer_adamw")
@@ -85,7 +85,7 @@ def source_only_loss(f, reduction, variables, batch, key):
 
 def augmented_source(batch, key, block):
     """The batch with its source images given DACS's strong transform (`block`: config.dacs)."""
-    return {**batch, "source_image": self_training.strongly_augmented(
+    return {**batch, "source_image": augmentation.strongly_augmented(
         jax.random.fold_in(key, _AUGMENT), batch["source_image"], block)}
 
 
@@ -107,7 +107,7 @@ def build(config) -> base.Method:
     reduction = loss_reduction(config)
     augment = config.dacs if config.source_only.augment else None
     if augment is not None:
-        self_training.check_block(augment)
+        augmentation.check_values(augment)
 
     return base.Method(
         name="source_only",
