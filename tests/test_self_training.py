@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from lsd_jax import methods
+from lsd_jax import losses, methods
 from lsd_jax.losses import IGNORE_LABEL
 from lsd_jax.methods import augmentation, base, self_training as st, source_only
 from test_gradients import assert_close
@@ -231,7 +231,7 @@ def test_the_pretraining_augmentation_is_checked_and_reaches_the_update(monkeypa
 
 @pytest.mark.slow  # compiles the student's loss twice
 def test_dacs_can_augment_its_source_term():
-    """About 10 s. config.dacs.augment_source: the source term is the cross-entropy on the
+    """About 16 s. config.dacs.augment_source: the source term is the cross-entropy on the
     source images strongly augmented by the step key's stream 8 (computed here by hand), and
     nothing else changes: ClassMix pastes the source pixels as they are (the mixed term is the
     same)."""
@@ -258,7 +258,6 @@ def test_dacs_can_augment_its_source_term():
     image = augmentation.strongly_augmented(jax.random.fold_in(key, 8), b["source_image"], config.dacs)
     outputs, _ = base.f_outputs(f, variables, image, train=True,
                                 key=base.f_dropout_key(key, "source"))
-    from lsd_jax import losses
     np.testing.assert_allclose(float(augmented["seg"]),
                                float(losses.ce2d(outputs["score"], b["source_label"], "mean")),
                                rtol=1e-5)
@@ -271,7 +270,6 @@ def test_dacs_can_augment_its_source_term():
 
 def loss_terms(source, mixed, masked, source_label, mixed_label, pseudo, pixel_weight, weight):
     """The student's loss from its three score maps (the rest of the loss is the network)."""
-    from lsd_jax import losses
     return (losses.ce2d(source, source_label, "mean")
             + st.weighted_ce(mixed, mixed_label, pixel_weight)
             + st.weighted_ce(masked, pseudo, jnp.full(pseudo.shape, weight)))
