@@ -34,7 +34,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
-    positive("train.num_steps", config.train.num_steps)
+    # Zero steps: F as it starts, saved and evaluated (train._zero_steps).
+    positive("train.num_steps", config.train.num_steps, allow_zero=True)
     positive("train.log_every", config.train.log_every)
     positive("checkpoint.every", config.checkpoint.every)
     for field in ("image_every", "eval_every"):

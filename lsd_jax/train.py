@@ -102,13 +102,16 @@ def train_and_evaluate(config, workdir: str, *, programs: Programs | None = None
     if start == 0:
         writer.write_hparams({k: (str(v) if isinstance(v, (list, dict)) or v is None else v)
                               for k, v in checkpoint.flatten_config(config).items()})
-        if evaluate_at_end and config.train.eval_start:
+        if evaluate_at_end and config.train.eval_start and num_steps > 0:
             reporting.report(config, workdir, programs, writer, 0, states["f"].variables())
     stop = distributed.StopSignals(manager.reached_preemption)
     with stop:
         try:
-            result = _train_loop(config, workdir, programs, saver, stop, writer, states, key,
-                                 start, num_steps)
+            if start == num_steps == 0:
+                result = _zero_steps(config, workdir, programs, saver, stop, writer, states, key)
+            else:
+                result = _train_loop(config, workdir, programs, saver, stop, writer, states, key,
+                                     start, num_steps)
             if evaluate_at_end and result.stopped_by is None:
                 result = dataclasses.replace(result, eval_summary=reporting.report(
                     config, workdir, programs, writer, result.step,
@@ -187,11 +190,42 @@ def _evaluate_averages(config, programs: Programs, writer, step: int, states) ->
     return results
 
 
+def _evaluate_selection(config, workdir: str, programs: Programs, writer, step: int, states,
+                        selection: list[dict]) -> None:
+    """F, and its moving averages, on the selection set at `step`: appended to `selection`
+    (the run's history of it) and written to results/selection/step_<step>.json."""
+    pictures = reporting.EvalPictures(config.eval.num_images)
+    summary = reporting.run_evaluation(config, programs, states["f"].variables(), "selection",
+                                       pictures)
+    reporting.log_evaluation(writer, step, "selection", summary, pictures,
+                             classes.class_colors(config.data.class_set))
+    selection.append({"step": step, "miou": summary["miou"]})
+    reporting.write_selection(workdir, step, summary, selection)
+    logging.info("step %d: selection mIoU %s %% on %s:%s", step,
+                 format_percent(summary["miou"]), summary["dataset"], summary["split"])
+    selection[-1].update(_evaluate_averages(config, programs, writer, step, states))
+
+
+def _zero_steps(config, workdir: str, programs: Programs, saver: checkpoint.Saver,
+                stop: distributed.StopSignals, writer, states, key) -> TrainResult:
+    """train.num_steps=0: nothing is trained. F as it starts (config.init's weights) is saved
+    as the checkpoint of step 0 and evaluated on the selection set as a last step would be:
+    how an F made elsewhere (init.f_workdir, init.f_file) is measured on another target, e.g.
+    `python -m lsd_jax.benchmark --variants pretrain --config.train.num_steps=0 --target ...`."""
+    if saver.last_good is None:
+        with stop.deferred():
+            saver.save(0, states, key)
+    selection: list[dict] = []
+    if config.train.eval_every > 0:
+        _evaluate_selection(config, workdir, programs, writer, 0, states, selection)
+        flush_summaries(writer, stop)
+    return TrainResult(0, states, selection, None)
+
+
 def _train_loop(config, workdir, programs: Programs, saver: checkpoint.Saver,
                 stop: distributed.StopSignals, writer, states, key, start: int,
                 num_steps: int) -> TrainResult:
     method = programs.method
-    colors = classes.class_colors(config.data.class_set)
     progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                every_steps=config.train.log_every,
                                                every_secs=None)
@@ -244,15 +278,7 @@ def _train_loop(config, workdir, programs: Programs, saver: checkpoint.Saver,
                 saver.save(done, states, key)
         if eval_due:
             with progress.timed("eval"):
-                pictures = reporting.EvalPictures(config.eval.num_images)
-                summary = reporting.run_evaluation(config, programs, states["f"].variables(), "selection",
-                                         pictures)
-            reporting.log_evaluation(writer, done, "selection", summary, pictures, colors)
-            selection.append({"step": done, "miou": summary["miou"]})
-            reporting.write_selection(workdir, done, summary, selection)
-            logging.info("step %d: selection mIoU %s %% on %s:%s", done,
-                         format_percent(summary["miou"]), summary["dataset"], summary["split"])
-            selection[-1].update(_evaluate_averages(config, programs, writer, done, states))
+                _evaluate_selection(config, workdir, programs, writer, done, states, selection)
         flush_summaries(writer, stop)
         if preempted:
             with stop.deferred():

@@ -186,7 +186,7 @@ def two_devices():
      "must be a positive multiple of 2"),
     ({"update_mode": "together"}, None,
      "config.update_mode: expected one of ('alternating', 'simultaneous'), got 'together'"),
-    ({"train.num_steps": -1}, None, "config.train.num_steps=-1: expected a positive integer"),
+    ({"train.num_steps": -1}, None, "config.train.num_steps=-1: expected a non-negative integer"),
 ])
 def test_config_errors_are_one_line_and_come_before_anything_is_written(
         tmp_path, changes, env, message):

@@ -76,7 +76,8 @@ def test_model_selection_on_the_target_evaluation_set_is_refused():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("train.num_steps", 0, r"config.train.num_steps=0: expected a positive integer"),
+    ("train.num_steps", -1, r"config.train.num_steps=-1: expected a non-negative integer"),
+    ("train.log_every", 0, r"config.train.log_every=0: expected a positive integer"),
     ("num_classes", 16, r"num_classes=16 but config.data.class_set='cityscapes19' has 19"),
     ("eval.confusion_method", "histogram", r"confusion_method='histogram'"),
 ])
@@ -509,6 +510,45 @@ def test_an_exported_f_starts_a_run_that_evaluates_it_before_its_first_step(tmp_
     line = main.where_results_are(run, result.eval_summary).splitlines()[0]
     assert line.endswith(f"at step 2 (F as it started, step 0: "
                          f"{format_percent(start['miou'])} %).")
+
+
+@pytest.mark.slow  # evaluates four times with the tiny source-only programs
+def test_a_run_of_zero_steps_saves_and_evaluates_f_as_it_starts(tmp_path):
+    """train.num_steps=0 measures an F made elsewhere: nothing is trained, F from
+    config.init is saved as the checkpoint of step 0 and evaluated on the selection and
+    evaluation sets, with figures equal to evaluating that F directly. Run again, it keeps the
+    checkpoint and gives the same figures."""
+    programs = tiny_programs("source_only")
+    pretrained = programs.init(jax.random.key(7))
+    pretrained["f"] = pretrained["f"].replace(params={  # predicts more than one class
+        name: (jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                            layer) if name.startswith("score") else layer)
+        for name, layer in pretrained["f"].params.items()})
+    save_states(tmp_path / "pre", pretrained, 20)
+    config = tiny_config(str(tmp_path / "tfds"), "source_only")
+    config.init.f_workdir = str(tmp_path / "pre")
+    config.train.num_steps, config.train.eval_every = 0, 1
+    config.train.eval_start = True  # the step-0 evaluation is the run's own, made once
+
+    run = str(tmp_path / "run")
+    result = train.train_and_evaluate(config, run, programs=programs)
+    f_variables = pretrained["f"].variables()
+    assert result.step == 0 and result.eval_summary["step"] == 0
+    assert result.eval_summary["miou"] == reporting.run_evaluation(
+        config, programs, f_variables, "eval")["miou"]
+    assert [h["step"] for h in result.selection] == [0]
+    assert result.selection[0]["miou"] == reporting.run_evaluation(
+        config, programs, f_variables, "selection")["miou"]
+    assert os.path.exists(os.path.join(run, "results", "selection", "step_0.json"))
+    assert checkpoint.saved_steps(run) == [0]
+    step, saved = checkpoint.read_network(run, "f")
+    assert step == 0
+    for part in ("params", "frozen"):
+        jax.tree.map(np.testing.assert_array_equal, saved[part], f_variables[part])
+
+    again = train.train_and_evaluate(config, run, programs=programs)
+    assert checkpoint.saved_steps(run) == [0]
+    assert again.eval_summary["miou"] == result.eval_summary["miou"]
 
 
 @pytest.mark.parametrize("contents, message", [
