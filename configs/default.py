@@ -343,8 +343,15 @@ def get_config() -> ml_collections.ConfigDict:
         optimizer="output_space_sgd",
         ema_alpha=0.99,         # the teacher's rate: min(1 - 1/(t + 1), ema_alpha)
         confidence_threshold=0.968,  # pseudo-labelled pixels weigh the fraction above this
+        # "fraction" (DACS's): every pseudo-labelled pixel weighs that fraction; "pixel" (not
+        # DACS's; FixMatch's mask): a pixel weighs 1 where its confidence reaches the
+        # threshold, 0 elsewhere.
+        pseudo_weight="fraction",
         jitter_strength=0.25, jitter_probability=0.8,  # the mixed images' colour jitter
         blur_probability=0.5, blur_sigma=(0.15, 1.15),  # ... and Gaussian blur
+        # Then per-pixel Gaussian sensor noise (not DACS's: 0 = off), its std from U(noise_std)
+        # on the 0-1 scale (0.1: 25.5 of 255).
+        noise_probability=0.0, noise_std=(0.0, 0.1),
         # The same jitter and blur on the source term's images too (not DACS's: off by
         # default; ClassMix still pastes the source pixels as they are, then transforms).
         augment_source=False,

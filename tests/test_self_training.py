@@ -147,6 +147,17 @@ def test_classmix_takes_whole_classes_half_of_those_present_ignore_label_include
 def test_confidence_weight_and_weighted_cross_entropy_by_hand():
     confidence = jnp.array([[[0.5, 0.968], [0.99, 0.2]]])
     assert float(st.confident_fraction(confidence, 0.968)) == 0.5
+    assert float(st.confidence_weight(confidence, 0.968, "fraction")) == 0.5
+    # FixMatch's mask (pseudo_weight="pixel"): each pixel 1 or 0, the crop's rows 0 either way.
+    pixel = st.confidence_weight(confidence, 0.968, "pixel")
+    np.testing.assert_array_equal(pixel, [[[0.0, 1.0], [1.0, 0.0]]])
+    np.testing.assert_array_equal(st.pseudo_label_weights(pixel, (1, 2, 2), (1, 0)),
+                                  [[[0.0, 0.0], [1.0, 0.0]]])
+    np.testing.assert_array_equal(st.pseudo_label_weights(jnp.float32(0.5), (1, 2, 2), (0, 1)),
+                                  [[[0.5, 0.5], [0.0, 0.0]]])
+    wrong = ml_collections.ConfigDict({**dacs_config().dacs.to_dict(), "pseudo_weight": "soft"})
+    with pytest.raises(ValueError, match=r"config.dacs.pseudo_weight='soft': expected one of"):
+        st.check_block(wrong)
 
     logits = jnp.array([[[[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]]])   # (1, 1, 2, 3)
     labels = jnp.array([[[0, IGNORE_LABEL]]])
@@ -190,6 +201,31 @@ def test_colour_conversions_and_augmentation_keep_images_in_range():
     np.testing.assert_array_equal(out, augment(jax.random.key(3), images))
 
 
+def test_sensor_noise_comes_last_with_its_own_draws_and_is_checked():
+    """config.dacs.noise_probability (not DACS's, off by default): per-pixel Gaussian noise of
+    a std from U(noise_std) after the jitter and blur, which keep their draws."""
+    images = 0.25 + 0.5 * jax.random.uniform(jax.random.key(0), (4, 32, 64, 3))  # no clipping
+    def augment(key, images, block):
+        return jax.jit(lambda key, images: augmentation.strong_augment(key, images, block))(
+            key, images)
+
+    plain = dacs_config(jitter_probability=1.0, blur_probability=1.0).dacs
+    no_op_noise = dacs_config(jitter_probability=1.0, blur_probability=1.0,
+                              noise_probability=1.0, noise_std=(0.0, 0.0)).dacs
+    np.testing.assert_array_equal(augment(jax.random.key(1), images, no_op_noise),
+                                  augment(jax.random.key(1), images, plain))
+    noise_only = dacs_config(jitter_probability=0.0, blur_probability=0.0,
+                             noise_probability=1.0, noise_std=(0.05, 0.05)).dacs
+    noise = np.asarray(augment(jax.random.key(1), images, noise_only) - images)
+    np.testing.assert_allclose(noise.std(axis=(1, 2, 3)), 0.05, rtol=0.05)   # 6,144 draws each
+    assert abs(noise.mean()) < 2e-3 and not np.allclose(noise[0], noise[1])
+    with pytest.raises(ValueError, match=r"config.dacs.noise_std=\(0.1, 0.05\): expected"):
+        augmentation.check_values(dacs_config(noise_std=(0.1, 0.05)).dacs)
+    with pytest.raises(ValueError,
+                       match=r"config.dacs.noise_probability=2.0: expected a number in \[0.0, 1"):
+        augmentation.check_values(dacs_config(noise_probability=2).dacs)
+
+
 def test_the_pretraining_augmentation_transforms_source_images_only_and_by_the_step_key():
     """config.source_only.augment: DACS's strong transform on the source images (the embedded
     benchmark's pre-training phase), its own draws per image from the step key."""
@@ -229,30 +265,38 @@ def test_the_pretraining_augmentation_is_checked_and_reaches_the_update(monkeypa
         assert blocks == ([config.dacs] if augment else []), augment
 
 
-@pytest.mark.slow  # compiles the student's loss twice
-def test_dacs_can_augment_its_source_term():
-    """About 16 s. config.dacs.augment_source: the source term is the cross-entropy on the
+@pytest.mark.slow  # compiles the student's loss three times
+def test_dacs_options_augment_the_source_term_and_weigh_each_confident_pixel():
+    """About 35 s. config.dacs.augment_source: the source term is the cross-entropy on the
     source images strongly augmented by the step key's stream 8 (computed here by hand), and
     nothing else changes: ClassMix pastes the source pixels as they are (the mixed term is the
-    same)."""
+    same). config.dacs.pseudo_weight="pixel": the mixed term changes (the teacher is confident
+    on part of the pixels) and the source term does not."""
     config = dacs_config("dacs", jitter_probability=1.0, blur_probability=1.0)
     method = methods.build(config)
     states = method.init(jax.random.key(0))
     f, b, key = method.networks["f"], batch(), jax.random.key(2)
-    # The classifier starts at zero (every score equal); move every parameter a little.
-    leaves, tree = jax.tree.flatten(states["f"].params)
-    noise = jax.random.split(jax.random.key(3), len(leaves))
-    variables = states["f"].variables(jax.tree.unflatten(tree, [
-        p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, noise)]))
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def terms(augment_source):
+    def moved(state, seed):  # the classifier starts at zero (every score equal)
+        leaves, tree = jax.tree.flatten(state.params)
+        noise = jax.random.split(jax.random.key(seed), len(leaves))
+        return state.replace(params=jax.tree.unflatten(tree, [
+            p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, noise)]))
+
+    variables, teacher = moved(states["f"], 3).variables(), moved(states["teacher"], 4)
+    _, confidence = st.pseudo_labels(f, teacher, b["target_image"])
+    threshold = float(jnp.median(confidence))
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def terms(augment_source, pseudo_weight):
         block = config.dacs.copy_and_resolve_references()
-        block.augment_source = augment_source
-        _, (t, _) = st.student_loss(f, block, CLASSES, variables, states["teacher"], b, key)
+        block.augment_source, block.pseudo_weight = augment_source, pseudo_weight
+        block.confidence_threshold = threshold
+        _, (t, _) = st.student_loss(f, block, CLASSES, variables, teacher, b, key)
         return t
 
-    plain, augmented = terms(False), terms(True)
+    plain, augmented, pixel = (terms(False, "fraction"), terms(True, "fraction"),
+                               terms(False, "pixel"))
     assert float(plain["mix"]) == float(augmented["mix"])
     assert abs(float(plain["seg"]) - float(augmented["seg"])) > 1e-3
     image = augmentation.strongly_augmented(jax.random.fold_in(key, 8), b["source_image"], config.dacs)
@@ -261,6 +305,9 @@ def test_dacs_can_augment_its_source_term():
     np.testing.assert_allclose(float(augmented["seg"]),
                                float(losses.ce2d(outputs["score"], b["source_label"], "mean")),
                                rtol=1e-5)
+    assert 0 < float(plain["confident"]) < 1 and pixel["confident"] == plain["confident"]
+    assert float(pixel["seg"]) == float(plain["seg"])
+    assert abs(float(pixel["mix"]) - float(plain["mix"])) > 1e-3
     wrong = ml_collections.ConfigDict({**config.dacs.to_dict(), "augment_source": "yes"})
     with pytest.raises(ValueError, match=r"config.dacs.augment_source='yes': expected True"):
         st.check_block(wrong)

@@ -72,10 +72,24 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, size: int) -> jax.Array:
     return sum(weights[i] * rows[:, i:i + image.shape[1]] for i in range(size))
 
 
+_NOISE = 4  # the stream of an image's key for the sensor noise (the other draws: its split)
+
+
+def sensor_noise(key: jax.Array, rgb: jax.Array, probability: float,
+                 std_range: tuple[float, float]) -> jax.Array:
+    """One image in [0, 1] with, at the given probability, per-pixel Gaussian noise of a std
+    drawn from U(std_range), clipped to [0, 1]."""
+    k_apply, k_std, k_pixels = jax.random.split(key, 3)
+    std = jax.random.uniform(k_std, (), minval=std_range[0], maxval=std_range[1])
+    noisy = jnp.clip(rgb + std * jax.random.normal(k_pixels, rgb.shape, rgb.dtype), 0.0, 1.0)
+    return jnp.where(jax.random.uniform(k_apply) < probability, noisy, rgb)
+
+
 def strong_augment(key: jax.Array, image01_bgr: jax.Array, block) -> jax.Array:
     """A batch of BGR images in [0, 1], each with its own draws: colour jitter (probability
     `jitter_probability`) then Gaussian blur (probability `blur_probability`, sigma from
-    U(blur_sigma)), as DACS's strong transform of the mixed images (no flip)."""
+    U(blur_sigma)), as DACS's strong transform of the mixed images (no flip). With
+    `noise_probability` > 0 (not DACS's; off by default), sensor noise last."""
     size = blur_kernel_size(image01_bgr.shape[1])
     low, high = block.blur_sigma
 
@@ -88,6 +102,9 @@ def strong_augment(key: jax.Array, image01_bgr: jax.Array, block) -> jax.Array:
         sigma = jax.random.uniform(k_sigma, (), minval=low, maxval=high)
         blurred = gaussian_blur(rgb, sigma, size)
         rgb = jnp.where(jax.random.uniform(k_apply_blur) < block.blur_probability, blurred, rgb)
+        if block.noise_probability > 0:  # a Python branch: DACS's transform is untouched
+            rgb = sensor_noise(jax.random.fold_in(key, _NOISE), rgb, block.noise_probability,
+                               tuple(block.noise_std))
         return rgb[..., ::-1]
 
     return jax.vmap(one)(jax.random.split(key, image01_bgr.shape[0]), image01_bgr)
@@ -122,8 +139,12 @@ def check_number(block, name: str, low: float, high: float, closed_high: bool = 
 def check_values(block) -> None:
     """The transform's values in `block` (config.dacs), or an error naming the field."""
     check_number(block, "jitter_strength", 0.0, 0.5)
-    for name in ("jitter_probability", "blur_probability"):
+    for name in ("jitter_probability", "blur_probability", "noise_probability"):
         check_number(block, name, 0.0, 1.0)
+    std = tuple(block.noise_std)
+    if len(std) != 2 or not 0 <= std[0] <= std[1]:
+        raise ValueError(f"config.dacs.noise_std={block.noise_std!r}: expected (low, high) "
+                         "with 0 <= low <= high, in units of the image's 0-1 range")
     sigma = tuple(block.blur_sigma)
     if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
         raise ValueError(f"config.dacs.blur_sigma={block.blur_sigma!r}: expected (low, high) "

@@ -12,7 +12,9 @@ the teacher follows the student's new parameters, DACS's order):
                  CE(source) + mean over all pixels of (w x CE(mixed)),
              w = 1 on source pixels, and on pseudo-labelled ones the fraction of the batch's
              target pixels whose teacher confidence is >= the threshold (one scalar per batch),
-             0 in the rows of `pseudo_label_crop` (DAFormer's; off by default).
+             0 in the rows of `pseudo_label_crop` (DAFormer's; off by default). With
+             `pseudo_weight="pixel"` (not DACS's; FixMatch's mask): 1 on the pseudo-labelled
+             pixels whose confidence is >= the threshold, 0 on the others.
              With MIC (`mic_weight` > 0): plus mic_weight x the same weighted CE of the student's
              prediction on the target image, freshly jittered and blurred, with b x b blocks
              masked (each with probability `mic_mask_ratio`; masked pixels 0 in F's input, the
@@ -84,14 +86,26 @@ def confident_fraction(confidence: jax.Array, threshold: float) -> jax.Array:
     return jnp.mean((confidence >= threshold).astype(jnp.float32))
 
 
+PSEUDO_WEIGHTS = ("fraction", "pixel")
+
+
+def confidence_weight(confidence: jax.Array, threshold: float, kind: str) -> jax.Array:
+    """The weight of the pseudo-labelled pixels: DACS's confident fraction, one scalar
+    ("fraction"), or (n, h, w) of 1 where the confidence reaches the threshold and 0 elsewhere
+    ("pixel")."""
+    if kind == "pixel":
+        return (confidence >= threshold).astype(jnp.float32)
+    return confident_fraction(confidence, threshold)
+
+
 def pseudo_label_weights(weight: jax.Array, shape: tuple[int, int, int],
                          crop: tuple[int, int]) -> jax.Array:
-    """(n, h, w) weights of pseudo-labelled pixels: the confidence weight, 0 on the top crop[0]
-    and bottom crop[1] rows (DAFormer's pseudo-label crop)."""
+    """(n, h, w) weights of pseudo-labelled pixels: the confidence weight (a scalar, or one per
+    pixel), 0 on the top crop[0] and bottom crop[1] rows (DAFormer's pseudo-label crop)."""
     top, bottom = crop
     rows = jnp.arange(shape[1])
     kept = (rows >= top) & (rows < shape[1] - bottom)
-    return jnp.broadcast_to(jnp.where(kept, weight, 0.0)[None, :, None], shape)
+    return jnp.broadcast_to(jnp.where(kept[None, :, None], weight, 0.0), shape)
 
 
 def weighted_ce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
@@ -236,6 +250,9 @@ def check_block(block) -> None:
     number("mic_mask_ratio", 0.0, 1.0, closed_high=False)
     number("mic_weight", 0.0, float("inf"), closed_high=False)
     number("feature_distance_weight", 0.0, float("inf"), closed_high=False)
+    if block.pseudo_weight not in PSEUDO_WEIGHTS:
+        raise ValueError(f"config.dacs.pseudo_weight={block.pseudo_weight!r}: expected one of "
+                         f"{PSEUDO_WEIGHTS}")
     if not isinstance(block.augment_source, bool):
         raise ValueError(f"config.dacs.augment_source={block.augment_source!r}: expected True "
                          "or False")
@@ -292,7 +309,8 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
         extra = block.feature_distance_weight * terms["fd"]
 
     pseudo, confidence = pseudo_labels(f, teacher, batch["target_image"])
-    weight = confident_fraction(confidence, block.confidence_threshold)
+    fraction = confident_fraction(confidence, block.confidence_threshold)
+    weight = confidence_weight(confidence, block.confidence_threshold, block.pseudo_weight)
     source01 = augmentation.image01(batch["source_image"])
     target01 = augmentation.image01(batch["target_image"])
     mixed01, mixed_labels, mask = classmix(jax.random.fold_in(key, _CLASSMIX), source01,
@@ -317,7 +335,7 @@ def student_loss(f, block, num_classes: int, variables: dict, teacher: base.NetS
         terms["mic"] = weighted_ce(masked_scores, pseudo, pseudo_weights)
         loss = loss + block.mic_weight * terms["mic"]
     statistics = variables.get("batch_stats", {})
-    return loss, ({"loss": loss, **terms, "confident": weight,
+    return loss, ({"loss": loss, **terms, "confident": fraction,
                    "mixed_source_fraction": jnp.mean(mask.astype(jnp.float32))}, statistics)
 
 
