@@ -267,7 +267,7 @@ def test_the_pretraining_augmentation_is_checked_and_reaches_the_update(monkeypa
 
 @pytest.mark.slow  # compiles the student's loss three times
 def test_dacs_options_augment_the_source_term_and_weigh_each_confident_pixel():
-    """About 35 s. config.dacs.augment_source: the source term is the cross-entropy on the
+    """About 30 s. config.dacs.augment_source: the source term is the cross-entropy on the
     source images strongly augmented by the step key's stream 8 (computed here by hand), and
     nothing else changes: ClassMix pastes the source pixels as they are (the mixed term is the
     same). config.dacs.pseudo_weight="pixel": the mixed term changes (the teacher is confident
